@@ -1,0 +1,191 @@
+"""Flax linen models, used through pure ``model.apply``.
+
+Every model takes float32 pixels in [0, 1], NHWC, and normalises inside (``mean``/``std`` attributes), so attacks
+work in pixel space. Call signature::
+
+    model.apply(variables, x, train=False, mc_dropout=False, rngs={"dropout": key})
+
+- ``train=True``: dropout on, BatchNorm uses batch statistics (pass ``mutable=["batch_stats"]``).
+- ``mc_dropout=True``: dropout stays **on at inference** (needs ``rngs={"dropout": key}``) while BatchNorm keeps
+  its running statistics. This is the MC-dropout mode; with ``dropout_rate=0`` it equals the deterministic model.
+- ``hetero=True`` (attribute): a heteroscedastic head; the model returns ``(logit_mean, logit_log_variance)``
+  instead of logits (Kendall & Gal 2017, see ``robust_jax.uncertainty``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def _normalise(x, mean, std):
+    if x.ndim != 4:
+        raise ValueError(f"expected NHWC images, got shape {x.shape}")
+    if x.shape[-1] != len(mean):
+        raise ValueError(f"expected {len(mean)} channel(s), got shape {x.shape}")
+    return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+class _Head(nn.Module):
+    """Final dense layer: logits, or (mean, log-variance) for the heteroscedastic head."""
+
+    num_classes: int
+    hetero: bool = False
+
+    @nn.compact
+    def __call__(self, h):
+        logits = nn.Dense(self.num_classes, name="logits")(h)
+        if not self.hetero:
+            return logits
+        log_var = nn.Dense(self.num_classes, name="log_var", kernel_init=nn.initializers.zeros,
+                           bias_init=nn.initializers.constant(-4.0))(h)
+        return logits, log_var
+
+
+class BasicCNN(nn.Module):
+    """The deck's MNIST ConvNet: conv3x3-64, conv3x3-64, max-pool, dropout, dense-128, dropout, dense-10."""
+
+    num_classes: int = 10
+    dropout_rate: float = 0.25  # after the pooling layer
+    dense_dropout_rate: float | None = None  # after dense-128; default 2 * dropout_rate (0.5, as in the deck)
+    hetero: bool = False
+    mean: Sequence[float] = MNIST_MEAN
+    std: Sequence[float] = MNIST_STD
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False):
+        drop = not (train or mc_dropout)
+        h = _normalise(x, self.mean, self.std)
+        h = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(h))
+        h = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(h))
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
+        h = h.reshape(h.shape[0], -1)
+        h = nn.relu(nn.Dense(128)(h))
+        dense_rate = 2 * self.dropout_rate if self.dense_dropout_rate is None else self.dense_dropout_rate
+        h = nn.Dropout(dense_rate, deterministic=drop)(h)
+        return _Head(self.num_classes, self.hetero)(h)
+
+
+class AllConvNet(nn.Module):
+    """Fully convolutional CIFAR-10 net in the all-convolutional style (Springenberg et al. 2015).
+
+    3x3 convolutions, downsampling by stride-2 convolutions (no pooling layers), a 1x1 convolution to the classes
+    and global average pooling. BatchNorm after each conv (a modern addition that makes it train in few epochs).
+    Dropout after each downsampling stage, as in All-CNN-C, so MC-dropout is meaningful. ``width`` scales the
+    channels: (width, 2·width, 4·width); All-CNN-C is width 96 with 2·width=192 in the last two stages.
+    """
+
+    num_classes: int = 10
+    width: int = 32
+    dropout_rate: float = 0.0
+    hetero: bool = False
+    mean: Sequence[float] = CIFAR_MEAN
+    std: Sequence[float] = CIFAR_STD
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False):
+        drop = not (train or mc_dropout)
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+        conv = lambda c, k=3, s=1: nn.Conv(c, (k, k), strides=(s, s), padding="SAME", use_bias=False)  # noqa: E731
+        h = _normalise(x, self.mean, self.std)
+        w = self.width
+        for stage, c in enumerate((w, 2 * w, 4 * w)):
+            h = nn.relu(norm()(conv(c)(h)))
+            h = nn.relu(norm()(conv(c)(h)))
+            if stage < 2:
+                h = nn.relu(norm()(conv(2 * c, s=2)(h)))  # strided conv replaces pooling
+                h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
+        h = nn.relu(norm()(conv(4 * w, k=1)(h)))
+        h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
+        out = nn.Conv(self.num_classes * (2 if self.hetero else 1), (1, 1), name="classifier")(h)
+        out = jnp.mean(out, axis=(1, 2))  # global average pooling
+        if not self.hetero:
+            return out
+        logits, log_var = jnp.split(out, 2, axis=-1)
+        return logits, log_var - 4.0
+
+
+class _BasicBlock(nn.Module):
+    features: int
+    strides: int
+    train: bool
+
+    @nn.compact
+    def __call__(self, x):
+        norm = lambda **kw: nn.BatchNorm(use_running_average=not self.train, momentum=0.9, **kw)  # noqa: E731
+        s = (self.strides, self.strides)
+        h = nn.Conv(self.features, (3, 3), strides=s, padding=((1, 1), (1, 1)), use_bias=False)(x)
+        h = nn.relu(norm()(h))
+        h = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(h)
+        h = norm(scale_init=nn.initializers.zeros)(h)  # zero-init residual: each block starts as identity
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = nn.Conv(self.features, (1, 1), strides=s, use_bias=False, name="shortcut")(x)
+            x = norm(name="shortcut_bn")(x)
+        return nn.relu(h + x)
+
+
+class ResNet10(nn.Module):
+    """ResNet-10: BasicBlocks, stages [1, 1, 1, 1] with (w, 2w, 4w, 8w) channels.
+
+    ``stem="cifar"``: 3x3 conv, stride 1 (32x32 inputs). ``stem="imagenet"``: 7x7 conv stride 2 + 3x3 max-pool
+    stride 2 (Imagenette). Dropout (rate ``dropout_rate``) before the classifier. BatchNorm uses running
+    statistics in eval and MC-dropout modes.
+    """
+
+    num_classes: int = 10
+    width: int = 64
+    stem: str = "cifar"
+    stages: Sequence[int] = (1, 1, 1, 1)
+    dropout_rate: float = 0.0
+    hetero: bool = False
+    mean: Sequence[float] = CIFAR_MEAN
+    std: Sequence[float] = CIFAR_STD
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False):
+        h = _normalise(x, self.mean, self.std)
+        if self.stem == "cifar":
+            h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(h)
+        elif self.stem == "imagenet":
+            h = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="stem")(h)
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_bn")(h))
+        if self.stem == "imagenet":
+            h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, n_blocks in enumerate(self.stages):
+            for j in range(n_blocks):
+                strides = 2 if (i > 0 and j == 0) else 1
+                h = _BasicBlock(self.width * 2**i, strides, train)(h)
+        h = jnp.mean(h, axis=(1, 2))
+        h = nn.Dropout(self.dropout_rate, deterministic=not (train or mc_dropout))(h)
+        return _Head(self.num_classes, self.hetero)(h)
+
+
+MODELS = {"BasicCNN": BasicCNN, "AllConvNet": AllConvNet, "ResNet10": ResNet10}
+ALIASES = {"basic_cnn": "BasicCNN", "allconv": "AllConvNet", "resnet10": "ResNet10"}
+
+
+def create(config: dict[str, Any]) -> nn.Module:
+    """Build a model from an architecture config such as ``{"name": "ResNet10", "width": 16}``."""
+    config = dict(config)
+    name = config.pop("name")
+    name = ALIASES.get(name, name)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS) + sorted(ALIASES)}")
+    for k in ("mean", "std", "stages"):
+        if k in config:
+            config[k] = tuple(config[k])
+    return MODELS[name](**config)
+
+
+def logits_of(outputs):
+    """Logits of a model's output (the mean logits for a heteroscedastic head)."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
