@@ -1,0 +1,30 @@
+"""Adversarial attacks: pure, jit-able, batched functions of (logits_fn, x, y, key).
+
+    from robust_jax import attacks
+    x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=8/255, step_size=2/255, steps=10)
+
+Inputs are float32 pixels in [0, 1] (NHWC) and integer labels; every attack returns adversarial pixels in [0, 1].
+Under ``jax.jit`` pass model variables as traced arguments:
+``jax.jit(lambda v, x, y, k: attacks.pgd(functools.partial(m.apply, v), x, y, key=k, eps=0.3, step_size=0.01,
+steps=40))`` compiles once for any weights. Stochastic models: wrap with ``attacks.eot``.
+"""
+
+from robust_jax.attacks._core import (
+    EOT,
+    LOSSES,
+    check_inputs,
+    cross_entropy,
+    cw_margin,
+    energy_regularised,
+    eot,
+    input_grad,
+    objective,
+    predict,
+    success,
+)
+from robust_jax.attacks.gradient import fgsm, le_pgd, pgd, project, random_start
+
+__all__ = [
+    "EOT", "LOSSES", "check_inputs", "cross_entropy", "cw_margin", "energy_regularised", "eot", "input_grad",
+    "objective", "predict", "success", "fgsm", "le_pgd", "pgd", "project", "random_start",
+]
