@@ -167,3 +167,40 @@ def test_pgd40_mnist_and_more_steps_never_help(need_checkpoint, real_data):
     acc_by_steps = [_pgd_acc(m, x, y, steps=s, eps=0.1)[0] for s in (5, 20, 60)]
     # more steps never help the defender beyond noise (2 examples of 500)
     assert all(b <= a + 0.004 for a, b in zip(acc_by_steps, acc_by_steps[1:])), acc_by_steps
+
+
+def test_diagnostics_flag_masking_stochasticity_and_non_monotone():
+    from robust_jax.attacks import diagnostics
+
+    f, w, b, x, y = _toy()
+    assert diagnostics.check(f, x, y) == []
+    masked = lambda z: jnp.round(f(z) * 0 + f(jax.lax.stop_gradient(z)))  # zero input gradient everywhere
+    warns = diagnostics.check(masked, x, y)
+    assert any("gradient masking" in w for w in warns)
+    noisy = lambda k, z: f(z) + jax.random.normal(k, (z.shape[0], 3))
+    warns = diagnostics.check(f, x, y, stochastic_fn=noisy, used_eot=False)
+    assert any("without EOT" in w for w in warns)
+    assert not diagnostics.check(f, x, y, stochastic_fn=noisy, used_eot=True)
+    warns = diagnostics.check(f, x, y, sweeps={"steps": ([5, 10, 20], [0.2, 0.1, 0.9])})
+    assert any("rises with a stronger attack" in w for w in warns)
+    assert not diagnostics.check(f, x, y, sweeps={"steps": ([5, 10, 20], [0.2, 0.1, 0.05])})
+
+
+def test_pgd_snapshots_match_separate_segments():
+    f, _, _, x, y = _toy()
+    snaps = attacks.pgd_snapshots(f, x, y, key=KEY, eps=0.1, step_size=0.02, snapshots=(0, 2, 5))
+    np.testing.assert_array_equal(snaps[0], x)
+    first = attacks.pgd(f, x, y, key=jax.random.fold_in(KEY, 1), eps=0.1, step_size=0.02, steps=2)
+    np.testing.assert_allclose(snaps[2], first, atol=1e-7)
+    cont = attacks.pgd(f, x, y, key=jax.random.fold_in(KEY, 2), eps=0.1, step_size=0.02, steps=3, x_init=first)
+    np.testing.assert_allclose(snaps[5], cont, atol=1e-7)
+
+
+def test_run_attack_chunks_equal_one_call():
+    f_params = _toy()
+    _, w, b, x, y = f_params
+    attack = lambda v, x, y, k: attacks.fgsm(_linear(*v), x, y, eps=0.05)
+    whole = attack((w, b), x, y, KEY)
+    chunked = attacks.run_attack(attack, (w, b), np.asarray(x), np.asarray(y), key=KEY, batch_size=3,
+                                 progress=False)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)

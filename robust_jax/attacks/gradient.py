@@ -55,9 +55,12 @@ def random_start(key, x, eps, norm: str):
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
-def _pgd_run(logits_fn, x, y, key, eps, step_size, steps, norm, start, loss_fn, targeted, loop):
+def _pgd_run(logits_fn, x, y, key, eps, step_size, steps, norm, start, loss_fn, targeted, loop, x_init=None):
     k_start, k_steps = jax.random.split(key)
-    x0 = random_start(k_start, x, eps, norm) if start else x
+    if x_init is not None:
+        x0 = project(x_init, x, eps, norm)
+    else:
+        x0 = random_start(k_start, x, eps, norm) if start else x
 
     def body(i, x_adv):
         _, g = input_grad(logits_fn, loss_fn, x_adv, y, jax.random.fold_in(k_steps, i), targeted)
@@ -81,13 +84,15 @@ def pgd(
     targeted: bool = False,
     restarts: int = 1,
     loop: str = "auto",
+    x_init=None,
 ):
     """Projected gradient descent (Madry et al. 2018) in the Linf or L2 ball of radius `eps`, inside [0, 1].
 
     `loss` is ``"ce"``, ``"cw"`` (margin) or a callable ``(logits, y) -> per-example loss`` (ascended; for
     ``targeted=True`` `y` holds the targets and ``−loss`` is ascended). With ``restarts > 1`` each example keeps
     the first successful run, else the run with the highest objective. `logits_fn` may be an :class:`EOT`.
-    `loop`: ``auto`` | ``unroll`` | ``fori`` | ``scan`` (see ``choose_loop``).
+    `loop`: ``auto`` | ``unroll`` | ``fori`` | ``scan`` (see ``choose_loop``). `x_init` continues from a given
+    point (projected onto the ball) instead of a random start.
     """
     check_inputs(x, y, eps=eps, name="pgd")
     if norm not in NORMS:
@@ -99,7 +104,8 @@ def pgd(
     best, best_ok, best_val = None, None, None
     for r in range(restarts):
         k = jax.random.fold_in(key, r)
-        x_adv = _pgd_run(logits_fn, x, y, k, eps, step_size, steps, norm, random_start, loss_fn, targeted, loop)
+        x_adv = _pgd_run(logits_fn, x, y, k, eps, step_size, steps, norm, random_start, loss_fn, targeted, loop,
+                         x_init)
         if restarts == 1:
             return x_adv
         ok = success(logits_fn, x_adv, y, targeted)
@@ -111,6 +117,25 @@ def pgd(
         best = jnp.where(take[:, None, None, None], x_adv, best)
         best_ok, best_val = best_ok | ok, jnp.where(take, val, best_val)
     return best
+
+
+def pgd_snapshots(logits_fn: Callable, x, y, *, key, eps: float, step_size: float, snapshots=(5, 10, 20, 30, 50),
+                  **pgd_kwargs) -> dict[int, jax.Array]:
+    """One PGD trajectory with a fixed step size, returning the iterate after each step count in `snapshots`.
+
+    PGD-k for every k in `snapshots` at the cost of PGD-max(k): the run is split into segments, each continuing
+    from the previous one (``x_init``). ``0`` in `snapshots` gives the clean input.
+    """
+    snaps = sorted(set(int(k) for k in snapshots))
+    out, x_cur, done = {}, None, 0
+    for i, k in enumerate(snaps):
+        if k == 0:
+            out[0] = jnp.asarray(x, jnp.float32)
+            continue
+        x_cur = pgd(logits_fn, x, y, key=jax.random.fold_in(key, i), eps=eps, step_size=step_size, steps=k - done,
+                    x_init=x_cur, **pgd_kwargs)
+        out[k], done = x_cur, k
+    return out
 
 
 def fgsm(logits_fn: Callable, x, y, *, eps: float, targeted: bool = False, loss="ce"):

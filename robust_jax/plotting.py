@@ -1,0 +1,92 @@
+"""Figures (matplotlib, Agg backend): each function writes one PNG and returns its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
+def histograms(series: dict[str, np.ndarray], path, *, xlabel: str, title: str = "", bins: int = 50,
+               vlines: dict[str, float] | None = None) -> Path:
+    """Overlaid density histograms of several 1-D series on shared bins."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    allv = np.concatenate([np.asarray(v).ravel() for v in series.values()])
+    edges = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), bins + 1)
+    for name, v in series.items():
+        ax.hist(np.asarray(v).ravel(), bins=edges, alpha=0.45, density=True, label=name)
+    for name, x in (vlines or {}).items():
+        ax.axvline(x, color="k", ls="--", lw=1, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def lines(x, ys: dict[str, np.ndarray], path, *, xlabel: str, ylabel: str, title: str = "",
+          yerr: dict[str, np.ndarray] | None = None, logx: bool = False) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, y in ys.items():
+        if yerr and name in yerr:
+            ax.errorbar(x, y, yerr=yerr[name], marker="o", capsize=3, label=name)
+        else:
+            ax.plot(x, y, marker="o", label=name)
+    if logx:
+        ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path, *, title: str = "") -> Path:
+    """ROC curves: {name: (fpr, tpr, auroc)}."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate (detection rate)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def reliability_diagram(rel: dict[str, np.ndarray], path, *, title: str = "") -> Path:
+    """Bar chart of per-bin accuracy vs confidence (from ``metrics.reliability``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = rel["edges"]
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    mask = rel["count"] > 0
+    ax.bar(centers[mask], rel["accuracy"][mask], width=widths[mask], edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
