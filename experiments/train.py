@@ -20,7 +20,8 @@ flags.DEFINE_string("dataset", "mnist", "mnist | cifar10 | fashion_mnist | image
 flags.DEFINE_string("model", "basic_cnn", "basic_cnn | allconv | resnet10")
 flags.DEFINE_integer("width", None, "channel width (allconv, resnet10)")
 flags.DEFINE_float("dropout_rate", None, "dropout rate (model default if unset)")
-flags.DEFINE_bool("hetero", False, "heteroscedastic (aleatoric) head")
+flags.DEFINE_bool("hetero", False, "heteroscedastic (aleatoric) head, trained with the sampled-softmax loss")
+flags.DEFINE_integer("hetero_samples", 16, "noise samples per example in the heteroscedastic loss")
 flags.DEFINE_string("stem", None, "resnet10 stem: cifar | imagenet")
 flags.DEFINE_integer("epochs", 3, "epochs")
 flags.DEFINE_integer("batch_size", 128, "batch size")
@@ -66,6 +67,7 @@ def main(argv):
         dataset=FLAGS.dataset, architecture=architecture_from_flags(), epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
         weight_decay=FLAGS.weight_decay, label_smoothing=FLAGS.label_smoothing, augment=FLAGS.augment,
+        loss="hetero" if FLAGS.hetero else "ce", hetero_samples=FLAGS.hetero_samples,
         seed=FLAGS.seed, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         max_train_examples=FLAGS.max_train_examples,
     )

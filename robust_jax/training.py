@@ -121,8 +121,11 @@ def make_train_step(
     augment_fn: Callable | None = None,
     perturb_fn: Callable | None = None,
     donate: bool = True,
+    jit: bool = True,
 ):
-    """A jitted ``train_step(state, images, labels) -> (state, metrics)``; images uint8 or float in [0, 1]."""
+    """A jitted ``train_step(state, images, labels) -> (state, metrics)``; images uint8 or float in [0, 1].
+
+    ``jit=False`` returns the pure step unjitted (e.g. to ``vmap`` it over ensemble members)."""
 
     def train_step(state: TrainState, images, labels):
         key = jax.random.fold_in(state.rng, state.step)
@@ -152,6 +155,8 @@ def make_train_step(
                                   batch_stats=new_vars.get("batch_stats", state.batch_stats))
         return new_state, {"loss": loss, "accuracy": acc}
 
+    if not jit:
+        return train_step
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
@@ -190,6 +195,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     augment: str = "none"
+    loss: str = "ce"  # "ce" | "hetero" (heteroscedastic head, Kendall & Gal sampled-softmax loss)
+    hetero_samples: int = 16
     seed: int = 0
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 2
@@ -198,6 +205,16 @@ class TrainConfig:
 
     def to_json(self):
         return dataclasses.asdict(self)
+
+
+def config_loss(config: TrainConfig) -> Callable:
+    if config.loss == "ce":
+        return lambda o, y, k: cross_entropy(o, y, k, label_smoothing=config.label_smoothing)
+    if config.loss == "hetero":
+        from robust_jax import uncertainty
+
+        return lambda o, y, k: uncertainty.hetero_loss(o, y, k, num_samples=config.hetero_samples)
+    raise ValueError(f"unknown loss {config.loss!r}; use ce or hetero")
 
 
 def _checkpoint_manager(workdir: Path, keep: int):
@@ -259,7 +276,7 @@ def train(
                         weight_decay=config.weight_decay)
     state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), info.image_shape)
     if loss_fn is None:
-        loss_fn = lambda o, y, k: cross_entropy(o, y, k, label_smoothing=config.label_smoothing)  # noqa: E731
+        loss_fn = config_loss(config)
     train_step = make_train_step(model, tx, loss_fn=loss_fn, augment_fn=AUGMENTATIONS[config.augment],
                                  perturb_fn=perturb_fn)
     predict = make_predict(model)
