@@ -23,10 +23,11 @@ from robust_jax.attacks._core import (
     success,
 )
 from robust_jax.attacks.gradient import fgsm, le_pgd, pgd, pgd_snapshots, project, random_start
+from robust_jax.attacks.jsma import jsma
 from robust_jax.attacks.runner import run_attack
 
 __all__ = [
     "EOT", "LOSSES", "check_inputs", "cross_entropy", "cw_margin", "energy_regularised", "eot", "input_grad",
     "objective", "predict", "success", "fgsm", "le_pgd", "pgd", "pgd_snapshots", "project", "random_start",
-    "run_attack",
+    "run_attack", "jsma",
 ]

@@ -67,9 +67,13 @@ def best_pair(a, b, mask, sign):
         w = jnp.pad(w, ((0, 0), (0, pad)), constant_values=fill)
         return jnp.moveaxis(w.reshape(n, blocks, rows), 1, 0)
 
-    p_rows = jnp.pad(idx, (0, pad), constant_values=d).reshape(blocks, 1, rows)
-    row_best = jax.lax.map(lambda args: jnp.max(scores(*args), axis=-1), (split(u, -jnp.inf), split(v, 0.0), p_rows))
-    row_best = jnp.moveaxis(row_best, 0, 1).reshape(n, -1)[:, :d]  # (N, d): best score of a pair starting at p
+    if blocks == 1:
+        row_best = jnp.max(scores(u, v, idx[None]), axis=-1)  # (N, d): best score of a pair starting at p
+    else:
+        p_rows = jnp.pad(idx, (0, pad), constant_values=d).reshape(blocks, 1, rows)
+        row_best = jax.lax.map(lambda args: jnp.max(scores(*args), axis=-1),
+                               (split(u, -jnp.inf), split(v, 0.0), p_rows))
+        row_best = jnp.moveaxis(row_best, 0, 1).reshape(n, -1)[:, :d]
     p = jnp.argmax(row_best, axis=-1)
     found = jnp.max(row_best, axis=-1) > 0.0
     take = lambda w: jnp.take_along_axis(w, p[:, None], axis=-1)  # (N, 1)
