@@ -22,6 +22,15 @@ from robust_jax.attacks._core import (
     predict,
     success,
 )
+from robust_jax.attacks.blackbox import (
+    Substitute,
+    SubstituteCNN,
+    blackbox_attack,
+    jacobian_augment,
+    label_oracle,
+    query_oracle,
+    train_substitute,
+)
 from robust_jax.attacks.gradient import fgsm, le_pgd, pgd, pgd_snapshots, project, random_start
 from robust_jax.attacks.jsma import jsma
 from robust_jax.attacks.runner import run_attack
@@ -29,5 +38,6 @@ from robust_jax.attacks.runner import run_attack
 __all__ = [
     "EOT", "LOSSES", "check_inputs", "cross_entropy", "cw_margin", "energy_regularised", "eot", "input_grad",
     "objective", "predict", "success", "fgsm", "le_pgd", "pgd", "pgd_snapshots", "project", "random_start",
-    "run_attack", "jsma",
+    "run_attack", "jsma", "Substitute", "SubstituteCNN", "blackbox_attack", "jacobian_augment", "label_oracle",
+    "query_oracle", "train_substitute",
 ]

@@ -18,9 +18,13 @@ training round ``r = 0, …, rounds``
    where ``F_{O(x)}`` is the substitute's logit of the oracle's label, so ``|S_{r+1}| = 2 |S_r|`` and after
    ``rounds`` augmentations the set holds ``|S_0| · 2**rounds`` points (150 · 2**6 = 9600 for the defaults).
 
-``λ_r = λ`` by default. With ``tau`` set, the step alternates sign every ``tau`` rounds, the paper's *periodic
-step size* ``λ_r = λ · (−1)**floor(r / tau)``: new points then also come from the other side of the substitute's
-decision boundaries instead of moving ever further in one direction.
+The step alternates sign every ``tau`` rounds, the paper's *periodic step size*
+``λ_r = λ · (−1)**floor(r / tau)`` (default ``tau=3``; ``tau=None`` keeps ``λ_r = λ``, the basic algorithm): new
+points then also come from the other side of the substitute's decision boundaries instead of drifting ever further
+in one direction. Measured on MNIST (150 holdout images, oracle ``mnist_basic_cnn``), the constant step made the
+substitute's test accuracy *fall* over the rounds (0.83 -> 0.75) while ``tau=3`` raised it (0.83 -> 0.89).
+The paper writes the Jacobian of the substitute's output ``F``; here the sign of the gradient of the substitute's
+*logit* of the oracle label is used.
 
 Adversarial examples are then crafted on the substitute (FGSM or PGD from :mod:`robust_jax.attacks.gradient`)
 and *transferred*: the oracle's accuracy on them measures the attack. The oracle is a callable
@@ -31,6 +35,7 @@ be integer labels, and nothing differentiates through it (it may be plain numpy)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,8 +55,12 @@ CRAFTS = ("fgsm", "pgd")
 
 # ---------------------------------------------------------------------------------------------- the substitute
 class SubstituteCNN(nn.Module):
-    """Small default substitute in the style of the paper's MNIST substitutes: conv3x3-32, max-pool,
-    conv3x3-64, max-pool, dense-200, dense-200, dense-``num_classes`` (ReLU, no dropout or BatchNorm).
+    """Small default substitute in the style of the paper's MNIST substitutes (two conv layers of 32 and 64
+    filters, two dense layers of 200 units): conv3x3-32 stride 2, conv3x3-64 stride 2, dense-200, dense-200,
+    dense-``num_classes`` (ReLU, no dropout or BatchNorm).
+
+    Downsampling is by strided convolutions rather than max-pooling: on XLA:CPU the max-pool backward pass made a
+    training step ~8x slower (0.36 s vs 0.044 s for a batch of 128 MNIST images on a loaded 2-core machine).
 
     Pixels in [0, 1] (NHWC, any number of channels) are normalised inside: with ``mean``/``std`` given as
     per-channel statistics, else mapped to [−1, 1]. Same call signature as :mod:`robust_jax.models`.
@@ -72,8 +81,7 @@ class SubstituteCNN(nn.Module):
                 raise ValueError(f"expected NHWC images, got shape {x.shape}")
             h = x.astype(jnp.float32) * 2.0 - 1.0
         for f in self.features:
-            h = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(h))
-            h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+            h = nn.relu(nn.Conv(f, (3, 3), strides=(2, 2), padding="SAME")(h))
         h = h.reshape(h.shape[0], -1)
         h = nn.relu(nn.Dense(self.dense)(h))
         h = nn.relu(nn.Dense(self.dense)(h))
@@ -133,7 +141,7 @@ def query_oracle(oracle: Callable, x, num_classes: int | None = None) -> np.ndar
 
 # ------------------------------------------------------------------------------------------------ augmentation
 def jacobian_augment(logits_fn: Callable, x, y, lam):
-    """Jacobian-based dataset augmentation step (Papernot et al. 2017, Sec. 4.2):
+    """Jacobian-based dataset augmentation step (Papernot et al. 2017):
     ``clip(x + lam · sign(∂ logits_fn(x)[y] / ∂x), 0, 1)`` per example, with ``y`` the oracle's labels.
 
     Only the *substitute's* Jacobian row of the oracle label is used (one vector-Jacobian product). Returns the new
@@ -157,6 +165,18 @@ def _index_stream(rng: np.random.Generator, n: int, steps: int, batch_size: int)
     return np.concatenate(perms)[:need].reshape(steps, batch_size)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(model: nn.Module, lr: float, input_shape: tuple):
+    """(optimizer, jitted init, train step, augmentation, predict) for a (hashable) Flax model, cached so repeated
+    substitute trainings of the same model reuse the compiled functions (compiling dominates small runs; an
+    un-jitted ``init`` alone compiled dozens of single ops, ~30 s on a loaded 2-core CPU)."""
+    tx = training.make_optimizer("adam", lr, total_steps=1, schedule="constant")
+    init = jax.jit(lambda k: training.create_train_state(model, tx, k, input_shape))
+    train_step = training.make_train_step(model, tx)
+    augment = jax.jit(lambda v, x, y, s: jacobian_augment(lambda z: model.apply(v, z), x, y, s))
+    return tx, init, train_step, augment, training.make_predict(model)
+
+
 def _step_size(lam: float, r: int, tau: int | None) -> float:
     return lam if not tau else lam * (-1.0) ** (r // tau)
 
@@ -170,9 +190,9 @@ def train_substitute(
     num_classes: int = 10,
     rounds: int = 6,
     lam: float = 0.1,
-    tau: int | None = None,
-    epochs_per_round: int = 10,
-    min_steps_per_round: int = 100,
+    tau: int | None = 3,
+    epochs_per_round: int = 3,
+    min_steps_per_round: int = 50,
     batch_size: int = 128,
     lr: float = 1e-3,
     warm_start: bool = True,
@@ -197,8 +217,9 @@ def train_substitute(
 
     Returns a :class:`Substitute`; ``history[r]`` has ``round``, ``size`` (|S_r|), ``queries`` (cumulative oracle
     labels spent by the attacker), ``lam`` (step used to build S_{r+1}, None after the last round), ``steps``,
-    ``train_accuracy`` (on S_r vs the oracle labels), ``agreement`` / ``accuracy`` (on the eval set, if given) and
-    ``seconds`` (cumulative).
+    ``agreement`` / ``accuracy`` (on the eval set, if given) and
+    cumulative wall-clock ``seconds``, of which ``train_seconds`` training and ``oracle_seconds`` answering the
+    attacker's queries (the target model's cost, not the attacker's).
     """
     check_inputs(x_holdout, name="train_substitute")
     if rounds < 0:
@@ -220,31 +241,30 @@ def train_substitute(
 
     x_set = np.asarray(x_holdout, np.float32)
     y_set = query_oracle(oracle, x_set, num_classes)
-    queries = len(x_set)
+    queries, t_oracle, t_train = len(x_set), time.time() - t0, 0.0
     oracle_eval = None if x_eval is None else query_oracle(oracle, np.asarray(x_eval, np.float32), num_classes)
 
-    tx = training.make_optimizer("adam", lr, total_steps=1, schedule="constant")
-    train_step = training.make_train_step(model, tx)
-    augment = jax.jit(lambda v, x, y, s: jacobian_augment(lambda z: model.apply(v, z), x, y, s))
-    predict_fn = training.make_predict(model)
+    tx, init, train_step, augment, predict_fn = _compiled(model, float(lr), tuple(x_set.shape[1:]))
     labels_of = lambda v, x: training.predict_logits(predict_fn, v, x, 500).argmax(-1)
     k_init, k_data = jax.random.split(key)
-    rng = np.random.default_rng(np.asarray(jax.random.randint(k_data, (2,), 0, 2**31 - 1)))
-    state = training.create_train_state(model, tx, k_init, x_set.shape[1:])
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_data)))
+    state = init(k_init)
 
     history = []
     for r in range(rounds + 1):
-        if r > 0 and not warm_start:
-            state = training.create_train_state(model, tx, jax.random.fold_in(k_init, r), x_set.shape[1:])
-        state = sharding.replicate(state.replace(opt_state=tx.init(state.params)))
+        if r > 0:  # fresh optimizer state (new buffers: the train step donates its input state)
+            fresh = init(jax.random.fold_in(k_init, r))
+            state = state.replace(opt_state=fresh.opt_state) if warm_start else fresh
+        state = sharding.replicate(state)
         n = len(x_set)
         steps = max(epochs_per_round * -(-n // batch_size), min_steps_per_round)
+        t1 = time.time()
         for idx in _index_stream(rng, n, steps, batch_size):
             state, _ = train_step(state, *sharding.shard_batch((x_set[idx], y_set[idx])))
         variables = jax.device_get(state.variables)
+        t_train += time.time() - t1
 
-        entry = {"round": r, "size": n, "queries": queries, "steps": steps,
-                 "train_accuracy": float(np.mean(labels_of(variables, x_set) == y_set))}
+        entry = {"round": r, "size": n, "queries": queries, "steps": steps}
         if x_eval is not None:
             pred = labels_of(variables, x_eval)
             entry["agreement"] = float(np.mean(pred == oracle_eval))
@@ -255,13 +275,15 @@ def train_substitute(
             lam_r = _step_size(lam, r, tau)
             new = sharding.run_sharded(lambda x, y, v=variables, s=lam_r: augment(v, x, y, s), x_set, y_set,
                                        batch_size=500)
+            t1 = time.time()
             y_new = query_oracle(oracle, new, num_classes)
+            t_oracle += time.time() - t1
             queries += len(new)
             x_set, y_set = np.concatenate([x_set, new]), np.concatenate([y_set, y_new])
             entry["lam"] = lam_r
         else:
             entry["lam"] = None
-        entry["seconds"] = time.time() - t0
+        entry.update(seconds=time.time() - t0, train_seconds=t_train, oracle_seconds=t_oracle)
         history.append(entry)
         if log is not None:
             log(f"substitute round {r}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -301,7 +323,7 @@ def blackbox_attack(
 
     Returns ``(x_adv, report)``; the report has ``substitute_accuracy`` (substitute vs true labels on x_eval),
     ``substitute_agreement`` (vs the oracle on x_eval), ``oracle_clean_accuracy``, ``oracle_adv_accuracy``,
-    ``transfer_rate`` (fraction of x_adv the oracle misclassifies — the paper's *transferability*),
+    ``transfer_rate`` (fraction of x_adv the oracle misclassifies, the rate the paper reports),
     ``transfer_success_rate`` (the same among examples the oracle classified correctly when clean),
     ``substitute_adv_accuracy`` (white-box accuracy of the substitute on its own x_adv), ``eps``, ``craft``,
     ``rounds``, ``lam``, ``tau``, ``holdout_size``, ``substitute_set_size``, ``queries``, ``n_eval``, ``history``
