@@ -90,32 +90,32 @@ def main(argv):
             return {s: logits_after(v, xa) for s, xa in snaps.items()}
         return attack
 
-    def le_attack(lam):
-        def attack(v, x, y, k):
-            xa = attacks.le_pgd(functools.partial(m.apply, v), x, y, key=k, eps=eps, step_size=step_size,
-                                steps=FLAGS.le_steps, lam=lam)
-            return logits_after(v, xa)
-        return attack
+    def le_attack(v_lam, x, y, k):  # lambda is traced: one compilation for the whole sweep
+        v, lam = v_lam
+        xa = attacks.le_pgd(functools.partial(m.apply, v), x, y, key=k, eps=eps, step_size=step_size,
+                            steps=FLAGS.le_steps, lam=lam)
+        return logits_after(v, xa)
 
     key = jax.random.PRNGKey(FLAGS.seed)
     run = functools.partial(attacks.run_attack, batch_size=FLAGS.batch_size)
     timings = {}
     t = time.time()
-    test_logits = run(pgd_attack(eps, snap_steps), m.variables, x_test, y_test, key=jax.random.fold_in(key, 1),
+    pgd_main, pgd_big = pgd_attack(eps, snap_steps), pgd_attack(big_eps, (max(det_steps),))  # compiled once each
+    test_logits = run(pgd_main, m.variables, x_test, y_test, key=jax.random.fold_in(key, 1),
                       desc=f"PGD test eps={eps:.3f}")
-    val_logits = run(pgd_attack(eps, snap_steps), m.variables, x_val, y_val, key=jax.random.fold_in(key, 2),
+    val_logits = run(pgd_main, m.variables, x_val, y_val, key=jax.random.fold_in(key, 2),
                      desc=f"PGD val eps={eps:.3f}")
     timings["pgd"] = time.time() - t
     t = time.time()
     big_steps = max(det_steps)
-    test_big = run(pgd_attack(big_eps, (big_steps,)), m.variables, x_test, y_test, key=jax.random.fold_in(key, 3),
+    test_big = run(pgd_big, m.variables, x_test, y_test, key=jax.random.fold_in(key, 3),
                    desc=f"PGD test eps={big_eps:.3f}")[big_steps]
-    val_big = run(pgd_attack(big_eps, (big_steps,)), m.variables, x_val, y_val, key=jax.random.fold_in(key, 4),
+    val_big = run(pgd_big, m.variables, x_val, y_val, key=jax.random.fold_in(key, 4),
                   desc=f"PGD val eps={big_eps:.3f}")[big_steps]
     timings["pgd_big_eps"] = time.time() - t
     t = time.time()
-    le_logits = {lam: run(le_attack(lam), m.variables, x_test, y_test, key=jax.random.fold_in(key, 5),
-                          desc=f"LE-PGD lam={lam}") for lam in lams}
+    le_logits = {lam: run(le_attack, (m.variables, np.float32(lam)), x_test, y_test,
+                          key=jax.random.fold_in(key, 5), desc=f"LE-PGD lam={lam}") for lam in lams}
     timings["le_pgd"] = time.time() - t
 
     acc = lambda z, y: metrics.accuracy(z, y)  # noqa: E731
