@@ -171,8 +171,16 @@ def main(argv):
     results["detector"] = {**{k: v for k, v in det.items()}, "fitted_on": f"val clean vs PGD-{fixed}"}
     results["confusion_pgd"] = {"steps": fixed, **metrics.detection_confusion(scores, labels, det["threshold"],
                                                                                 correct), "deck": DECK_CONFUSION}
-    target_met = r_fixed["tpr"] >= 0.98 and r_fixed["fpr"] <= 0.01
-    results["target_pgd30"] = {"tpr": r_fixed["tpr"], "fpr": r_fixed["fpr"], "met": bool(target_met)}
+    # the same attack with the threshold set for FPR <= target on validation (the target is stated at FPR 1%)
+    det_fpr = energy.fit_detector(val_logits[0], val_logits[fixed], method="fpr", target_fpr=FLAGS.target_fpr)
+    r_fpr, _, _, _ = evaluate(None, test_logits[fixed], det_fpr)
+    results["target_pgd"] = {
+        "steps": fixed,
+        FLAGS.threshold: {"tpr": r_fixed["tpr"], "fpr": r_fixed["fpr"],
+                          "met": bool(r_fixed["tpr"] >= 0.98 and r_fixed["fpr"] <= 0.01)},
+        f"val_fpr_{FLAGS.target_fpr:g}": {"tpr": r_fpr["tpr"], "fpr": r_fpr["fpr"], "threshold": det_fpr["threshold"],
+                                          "met": bool(r_fpr["tpr"] >= 0.98 and r_fpr["fpr"] <= 0.01)},
+    }
 
     # 4. LE-PGD against the deployed detector
     le_rows, rocs = [], {}
@@ -238,9 +246,13 @@ def markdown(r) -> str:
     for k in ("TN", "FP", "FN", "TP"):
         lines.append(f"| {k} | {_pct(cm[k]['rate'])} | {cm[k]['count']} | {_pct(cm[k]['accuracy'])} | "
                      f"{cm['deck'][k]} |")
-    tgt = r["target_pgd30"]
-    lines += ["", f"Target (TPR ≥ 98% at FPR ≤ 1%): TPR {_pct(tgt['tpr'])}%, FPR {_pct(tgt['fpr'])}% → "
-              f"{'met' if tgt['met'] else 'not met'}.", "",
+    tgt = r["target_pgd"]
+    lines += ["", f"Target on test, PGD-{tgt['steps']}: TPR ≥ 98% at FPR ≤ 1%."]
+    for rule, v in tgt.items():
+        if rule != "steps":
+            lines.append(f"- threshold rule `{rule}` (fitted on validation): TPR {_pct(v['tpr'])}%, "
+                         f"FPR {_pct(v['fpr'])}% → {'met' if v['met'] else 'not met'}")
+    lines += ["",
               f"## LE-PGD against the deployed detector (T={r['detector']['temperature']:g}, fixed threshold)", "",
               "| λ | DR % | FPR % | AUROC | classifier acc % | mean energy |", "|---|---|---|---|---|---|"]
     for x in r["le_pgd"]:
