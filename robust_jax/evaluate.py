@@ -28,8 +28,8 @@ class AttackConfig:
     pgd_step_size: float | None = None  # default 2.5 * eps / steps
     pgd_restarts: int = 1
     cw_steps: int = 100
-    cw_lr: float = 0.05
-    cw_binary_search_steps: int = 6
+    cw_lr: float = 0.1
+    cw_binary_search_steps: int = 5
     cw_initial_const: float = 1.0
     cw_confidence: float = 0.0
     jsma_theta: float = 1.0

@@ -10,7 +10,7 @@ import pytest
 from robust_jax import attacks, data
 from robust_jax.attacks.cw import cw_l2, cw_loss, from_tanh_space, to_tanh_space
 
-# Toy tests use the rolled loop: XLA:CPU compiles an unrolled 100-step loop slowly, and both forms compute the same.
+# The rolled loop (cw_l2's "auto"); test_unrolled_and_rolled_loops_agree checks the unrolled form computes the same.
 FAST = dict(loop="fori")
 
 
@@ -127,9 +127,10 @@ def test_returns_smallest_success_over_rounds():
     assert _l2(many, x)[both].mean() < _l2(few, x)[both].mean()
 
 
-def test_batch_independent_and_jit():
+@pytest.mark.parametrize("abort_early", [False, True])
+def test_batch_independent_and_jit(abort_early):
     f, w, b, x, y = _toy(n=8)
-    kw = dict(steps=30, lr=0.05, binary_search_steps=3, initial_const=0.5, **FAST)
+    kw = dict(steps=30, lr=0.05, binary_search_steps=3, initial_const=0.5, abort_early=abort_early, **FAST)
     full = cw_l2(f, x, y, **kw)
     half = cw_l2(f, x[:4], y[:4], **kw)
     np.testing.assert_allclose(full[:4], half, atol=1e-6)
@@ -140,7 +141,9 @@ def test_batch_independent_and_jit():
 def test_unrolled_and_rolled_loops_agree():
     f, _, _, x, y = _toy(n=4)
     kw = dict(steps=6, lr=0.05, binary_search_steps=2, initial_const=3.0)
-    np.testing.assert_allclose(cw_l2(f, x, y, loop="unroll", **kw), cw_l2(f, x, y, loop="fori", **kw), atol=1e-6)
+    rolled = cw_l2(f, x, y, loop="fori", **kw)
+    np.testing.assert_allclose(cw_l2(f, x, y, loop="unroll", **kw), rolled, atol=1e-6)
+    np.testing.assert_array_equal(cw_l2(f, x, y, **kw), rolled)  # "auto" is the rolled loop, CPU included
 
 
 def test_eot_model_does_not_break():
@@ -188,3 +191,43 @@ def _mnist_correct(need_checkpoint, real_data, n):
 
 def _cw_jit(m, **kw):
     return jax.jit(lambda v, x, y: cw_l2(functools.partial(m.apply, v), x, y, **kw))
+
+
+def test_cw_fools_mnist_cnn_quick(need_checkpoint, real_data):
+    m, x, y = _mnist_correct(need_checkpoint, real_data, 20)
+    adv = _cw_jit(m, steps=20, lr=0.2, binary_search_steps=2, initial_const=3.0, **FAST)(m.variables, x, y)
+    ok = np.asarray(attacks.success(m, adv, y))
+    assert ok.mean() >= 0.8, ok
+    assert float(adv.min()) >= 0 and float(adv.max()) <= 1
+    np.testing.assert_array_equal(np.asarray(adv)[~ok], np.asarray(x)[~ok])
+    # small perturbations (this short budget gives mean L2 ~2.7; two different MNIST digits are ~9 apart)
+    assert _l2(adv, x)[ok].mean() < 3.5
+
+
+def _min_pgd_l2(m, x, y, radii, steps=20):
+    """Per example, the L2 distance of the PGD-L2 adversarial at the smallest radius of `radii` that fools it."""
+    attack = jax.jit(lambda v, x, y, eps: attacks.pgd(functools.partial(m.apply, v), x, y, key=jax.random.PRNGKey(0),
+                                                      eps=eps, step_size=2.5 * eps / steps, steps=steps, norm="l2"))
+    dist = np.full(len(x), np.inf)
+    for eps in radii:  # ascending
+        adv = attack(m.variables, x, y, jnp.float32(eps))
+        ok = np.asarray(attacks.success(m, adv, y)) & ~np.isfinite(dist)
+        dist[ok] = _l2(adv, x)[ok]
+    return dist
+
+
+@pytest.mark.slow
+def test_cw_l2_mnist_beats_pgd_l2(need_checkpoint, real_data):
+    m, x, y = _mnist_correct(need_checkpoint, real_data, 100)
+    adv = _cw_jit(m, steps=100, lr=0.1, binary_search_steps=5, initial_const=1.0, **FAST)(m.variables, x, y)
+    ok_cw = np.asarray(attacks.success(m, adv, y))
+    assert ok_cw.mean() >= 0.99
+    np.testing.assert_array_equal(np.asarray(adv)[~ok_cw], np.asarray(x)[~ok_cw])
+    d_cw = _l2(adv, x)
+    # PGD-L2 gets its best shot: per example the smallest radius of a grid that fools it
+    d_pgd = _min_pgd_l2(m, x, y, radii=(1.0, 1.5, 2.0, 2.5, 3.0))
+    ok_pgd = np.isfinite(d_pgd)
+    assert ok_pgd.mean() >= 0.9
+    both = ok_cw & ok_pgd
+    assert d_cw[both].mean() < d_pgd[both].mean(), (d_cw[both].mean(), d_pgd[both].mean())
+    assert np.median(d_cw[both] / d_pgd[both]) < 1.0

@@ -14,7 +14,7 @@ def _accuracy(m, split):
     from robust_jax import training
 
     x, y = data.load(m.card["dataset"], split)
-    logits = training.predict_logits(m._predict, m.variables, x)
+    logits = training.predict_logits(m._predict, m.variables, data.to_float(x))
     return float(np.mean(logits.argmax(-1) == y))
 
 

@@ -31,6 +31,7 @@ from robust_jax.attacks.blackbox import (
     query_oracle,
     train_substitute,
 )
+from robust_jax.attacks.cw import cw_l2
 from robust_jax.attacks.gradient import fgsm, le_pgd, pgd, pgd_snapshots, project, random_start
 from robust_jax.attacks.jsma import jsma
 from robust_jax.attacks.runner import run_attack
@@ -38,6 +39,6 @@ from robust_jax.attacks.runner import run_attack
 __all__ = [
     "EOT", "LOSSES", "check_inputs", "cross_entropy", "cw_margin", "energy_regularised", "eot", "input_grad",
     "objective", "predict", "success", "fgsm", "le_pgd", "pgd", "pgd_snapshots", "project", "random_start",
-    "run_attack", "jsma", "Substitute", "SubstituteCNN", "blackbox_attack", "jacobian_augment", "label_oracle",
+    "run_attack", "jsma", "cw_l2", "Substitute", "SubstituteCNN", "blackbox_attack", "jacobian_augment", "label_oracle",
     "query_oracle", "train_substitute",
 ]
