@@ -6,25 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import linear, toy_linear
 
 from robust_jax import attacks, data, energy
 
 KEY = jax.random.PRNGKey(0)
 
 
-def _linear(w, b):
-    """A linear classifier on flattened pixels: its input gradient is known in closed form."""
-    return lambda x: x.reshape(x.shape[0], -1) @ w + b
+_linear = linear
 
 
 def _toy(n=8, shape=(4, 4, 1), c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    d = int(np.prod(shape))
-    w = jnp.asarray(rng.normal(size=(d, c)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
-    x = jnp.asarray(rng.uniform(size=(n, *shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
-    return _linear(w, b), w, b, x, y
+    return toy_linear(n, shape, c, seed)
 
 
 def test_fgsm_equals_hand_gradient():

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import linear, toy_linear
 
 from robust_jax import attacks, data
 from robust_jax.attacks.cw import cw_l2, cw_loss, from_tanh_space, to_tanh_space
@@ -14,19 +15,11 @@ from robust_jax.attacks.cw import cw_l2, cw_loss, from_tanh_space, to_tanh_space
 FAST = dict(loop="fori")
 
 
-def _linear(w, b):
-    return lambda x: x.reshape(x.shape[0], -1) @ w + b
+_linear = linear
 
 
 def _toy(n=16, shape=(4, 4, 1), c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    d = int(np.prod(shape))
-    w = jnp.asarray(rng.normal(size=(d, c)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
-    x = jnp.asarray(rng.uniform(size=(n, *shape)), jnp.float32)
-    f = _linear(w, b)
-    y = jnp.argmax(f(x), -1).astype(jnp.int32)  # labels = predictions, so every example starts correctly classified
-    return f, w, b, x, y
+    return toy_linear(n, shape, c, seed, labels="predicted")
 
 
 def _l2(a, x):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import linear, toy_linear
 
 from robust_jax import attacks, data
 from robust_jax.attacks.jsma import best_pair, jsma
@@ -16,19 +17,11 @@ from robust_jax.attacks.jsma import best_pair, jsma
 jsma_module = importlib.import_module("robust_jax.attacks.jsma")
 
 
-def _linear(w, b):
-    """A linear classifier on flattened pixels: its Jacobian is W^T, known in closed form."""
-    return lambda x: x.reshape(x.shape[0], -1) @ w + b
+_linear = linear
 
 
 def _toy(n=16, shape=(6, 6, 1), c=4, seed=0):
-    rng = np.random.default_rng(seed)
-    d = int(np.prod(shape))
-    w = jnp.asarray(rng.normal(size=(d, c)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
-    x = jnp.asarray(rng.uniform(size=(n, *shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
-    return _linear(w, b), w, b, x, y
+    return toy_linear(n, shape, c, seed)
 
 
 def _changed(adv, x):
