@@ -30,7 +30,12 @@ flags.DEFINE_float("lr", 1e-3, "peak learning rate")
 flags.DEFINE_string("schedule", "onecycle", "onecycle | cosine | constant")
 flags.DEFINE_float("weight_decay", 0.0, "weight decay (kernels only)")
 flags.DEFINE_float("label_smoothing", 0.0, "label smoothing")
-flags.DEFINE_string("augment", "none", "none | flip_crop")
+flags.DEFINE_string("augment", "none", "'+'-separated: none | flip_crop | rotate (e.g. flip_crop+rotate)")
+flags.DEFINE_float("rotation_degrees", 30.0, "rotate augmentation: angles uniform in +-this")
+flags.DEFINE_string("adversary", "none", "adversarial training: none | pgd | fgsm_rs (Linf)")
+flags.DEFINE_float("adv_eps", 8 / 255, "adversarial training eps (pixels in [0, 1])")
+flags.DEFINE_integer("adv_steps", 7, "PGD steps for --adversary=pgd")
+flags.DEFINE_float("adv_step_size", None, "step size (default 2.5*eps/steps for pgd, 1.25*eps for fgsm_rs)")
 flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_integer("checkpoint_every_steps", 500, "checkpoint period in steps (also at every epoch end)")
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumes if it has a checkpoint")
@@ -67,6 +72,8 @@ def main(argv):
         dataset=FLAGS.dataset, architecture=architecture_from_flags(), epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
         weight_decay=FLAGS.weight_decay, label_smoothing=FLAGS.label_smoothing, augment=FLAGS.augment,
+        rotation_degrees=FLAGS.rotation_degrees, adversary=FLAGS.adversary, adv_eps=FLAGS.adv_eps,
+        adv_steps=FLAGS.adv_steps, adv_step_size=FLAGS.adv_step_size,
         loss="hetero" if FLAGS.hetero else "ce", hetero_samples=FLAGS.hetero_samples,
         seed=FLAGS.seed, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         max_train_examples=FLAGS.max_train_examples,

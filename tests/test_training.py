@@ -73,3 +73,49 @@ def test_flip_crop_keeps_shape_and_content():
     # every output is a shifted (and possibly flipped) copy: its pixel multiset is a subset of input + zeros
     assert float(out.max()) <= float(x.max())
     assert not np.allclose(out, x)
+
+
+def test_make_augment_composes_and_rejects_unknown():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    assert training.make_augment("none") is None
+    same = training.make_augment("rotate", rotation_degrees=0.0)(jax.random.PRNGKey(1), x)
+    np.testing.assert_allclose(same, x, atol=1e-5)
+    rotated = training.make_augment("rotate", rotation_degrees=30.0)(jax.random.PRNGKey(1), x)
+    assert not np.allclose(rotated, x, atol=1e-2)
+    both = training.make_augment("flip_crop+rotate")(jax.random.PRNGKey(1), x)
+    assert both.shape == x.shape
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        training.make_augment("flip_crop+blur")
+    with pytest.raises(ValueError, match="unknown adversary"):
+        training.make_adversary("cw", eps=0.1)
+
+
+def test_adversary_stays_in_ball_and_raises_loss():
+    m = models.create({"name": "BasicCNN"})
+    tx = optax.adam(3e-3)
+    state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
+    step = training.make_train_step(m, tx, donate=False)
+    x, y = _toy_data(64)
+    for _ in range(3):  # a little trained, not saturated (loss ~0 leaves nothing to raise)
+        state, _ = step(state, x, y)
+    f = lambda z: models.logits_of(m.apply(state.variables, z))
+    xf = x.astype(np.float32) / 255
+    ce = lambda z: float(optax.softmax_cross_entropy_with_integer_labels(f(z), y).mean())
+    for kind in ("fgsm_rs", "pgd"):
+        adv = training.make_adversary(kind, eps=0.1, steps=3)(f, xf, y, jax.random.PRNGKey(1))
+        assert float(np.abs(adv - xf).max()) <= 0.1 + 1e-6
+        assert ce(adv) > 3 * ce(xf), kind  # the toy task is easy: loss is small but the attack multiplies it
+
+
+def test_train_with_adversary_and_rotation_runs(tmp_path):
+    x, y = _toy_data(128)
+    cfg = _config(epochs=1, adversary="fgsm_rs", adv_eps=0.1, augment="rotate", rotation_degrees=10.0)
+    r = training.train(cfg, tmp_path, progress=False, train_data=(x, y), val_data=(x[:64], y[:64]),
+                       log=lambda s: None)
+    assert r["step"] == 4 and np.isfinite(r["val"]["loss"])
+    import json
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["adversary"] == "fgsm_rs" and saved["augment"] == "rotate"
