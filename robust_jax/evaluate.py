@@ -82,10 +82,11 @@ def evaluate_attacks(
     x_holdout=None,
     stochastic_fn: Callable | None = None,
     progress: bool = True,
+    return_adversarials: bool = False,
 ) -> list[dict]:
     """Run `names` against the classifier. `predict(x) -> logits` (numpy, the defended prediction);
     `logits_builder(variables) -> logits_fn` is what gradient attacks differentiate. Black-box needs `x_holdout`
-    (the attacker's small set, disjoint from x)."""
+    (the attacker's small set, disjoint from x). `return_adversarials` adds each row's ``x_adv`` array."""
     x, y = np.asarray(x, np.float32), np.asarray(y)
     clean_logits = predict(x)
     clean_pred = clean_logits.argmax(-1)
@@ -121,6 +122,8 @@ def evaluate_attacks(
                "seconds": seconds, "eot_samples": cfg.eot_samples, **extra}
         if name == "pgd":
             row["pgd_steps"] = cfg.pgd_steps
+        if return_adversarials:
+            row["x_adv"] = np.asarray(x_adv)
         rows.append(row)
     n_check = min(len(x), 256)
     warn = diagnostics.check(logits_builder(variables), x[:n_check], y[:n_check],

@@ -44,3 +44,28 @@ def test_robustness_cli_end_to_end(tmp_path, need_checkpoint, real_data):
         assert 0 <= row["adversarial_accuracy"] <= row["accuracy"] <= 1
         assert row["mean_linf"] <= 0.3 + 1e-6
     assert "| fgsm |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data):
+    need_checkpoint("mnist_basic_cnn")
+    need_checkpoint("mnist_basic_cnn_hetero")
+    real_data("mnist")
+    _run("experiments.uncertainty_robustness", "--dataset=mnist", "--attacks=fgsm,cw_l2,jsma,blackbox",
+         "--num_examples=16", "--num_examples_slow=8", "--mc_samples=4", "--eot_samples=2", "--cw_steps=5",
+         "--cw_binary_search_steps=1", "--blackbox_rounds=1", "--eps_sweep=0,0.3", "--batch_size=16",
+         f"--out_dir={tmp_path}")
+    r = json.loads((tmp_path / "results.json").read_text())
+    keys = {"dataset", "defence", "attack", "protocol", "accuracy", "adversarial_accuracy", "fooling_rate", "eps", "n",
+            "seed"}
+    combos = set()
+    for row in r["rows"]:
+        assert keys <= set(row)
+        assert row["defence"] in ("none", "epistemic", "aleatoric") and row["protocol"] in ("deck", "adaptive")
+        assert 0 <= row["adversarial_accuracy"] <= 1 and 0 <= row["fooling_rate"] <= 1
+        combos.add((row["defence"], row["attack"], row["protocol"]))
+    assert len(combos) == len(r["rows"]) == 3 * 4 * 2
+    assert {x["score"] for x in r["detection"]} >= {"predictive_entropy", "mutual_information", "aleatoric_variance"}
+    for name in ("results.md", "fgsm_accuracy_vs_eps.png", "uncertainty_hist_epistemic.png",
+                 "uncertainty_roc_aleatoric.png"):
+        assert (tmp_path / name).stat().st_size > 0

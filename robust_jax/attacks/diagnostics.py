@@ -48,7 +48,8 @@ def check(logits_fn, x, y, *, stochastic_fn=None, used_eot: bool | None = None, 
                         f"{100 * h['zero_gradient_fraction']:.1f}% of inputs")
     if h["nonfinite_gradient_fraction"] > 0:
         warnings.append(f"non-finite input gradients on {100 * h['nonfinite_gradient_fraction']:.1f}% of inputs")
-    if stochastic_fn is not None and not isinstance(logits_fn, EOT) and not used_eot:
+    eot = (isinstance(logits_fn, EOT) and logits_fn.num_samples > 1) or used_eot  # EOT with 1 sample is no EOT
+    if stochastic_fn is not None and not eot:
         if is_stochastic(stochastic_fn, x):
             warnings.append("the model is stochastic (two keys disagree) but was attacked without EOT: "
                             "the robust accuracy is likely overestimated; wrap it with attacks.eot")
