@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import optax
+from flax import linen as nn
 
 from robust_jax import models, training
 
@@ -119,3 +120,31 @@ def test_train_with_adversary_and_rotation_runs(tmp_path):
 
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["adversary"] == "fgsm_rs" and saved["augment"] == "rotate"
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(10)(nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1))))
+
+
+def test_adversarial_training_raises_robust_accuracy_of_toy_model():
+    """Same init, data and step count: PGD training makes the model robust to PGD, standard training does not.
+
+    (Measured over 3 seeds: PGD-10 accuracy 0.0 after standard training, 0.52-0.93 after PGD-3 training.)"""
+    from robust_jax import attacks
+
+    x, y = _toy_data(256)
+    xf = x.astype(np.float32) / 255
+    m, tx, eps = _MLP(), optax.adam(3e-3), 0.25
+    robust = {}
+    for kind in ("none", "pgd"):
+        state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
+        step = training.make_train_step(m, tx, perturb_fn=training.make_adversary(kind, eps=eps, steps=3),
+                                         donate=False)
+        for _ in range(60):
+            state, _ = step(state, x, y)
+        f = lambda z, v=state.variables: models.logits_of(m.apply(v, z))
+        adv = attacks.pgd(f, xf, y, key=jax.random.PRNGKey(9), eps=eps, step_size=eps / 4, steps=10)
+        robust[kind] = float(np.mean(np.argmax(f(adv), -1) == y))
+    assert robust["pgd"] > robust["none"] + 0.3, robust

@@ -35,10 +35,11 @@ from robust_jax.attacks.cw import cw_l2
 from robust_jax.attacks.gradient import fgsm, le_pgd, pgd, pgd_snapshots, project, random_start
 from robust_jax.attacks.jsma import jsma
 from robust_jax.attacks.runner import run_attack
+from robust_jax.attacks.spatial import Family, family, worst_of, worst_of_k
 
 __all__ = [
     "EOT", "LOSSES", "check_inputs", "cross_entropy", "cw_margin", "energy_regularised", "eot", "input_grad",
     "objective", "predict", "success", "fgsm", "le_pgd", "pgd", "pgd_snapshots", "project", "random_start",
     "run_attack", "jsma", "cw_l2", "Substitute", "SubstituteCNN", "blackbox_attack", "jacobian_augment", "label_oracle",
-    "query_oracle", "train_substitute",
+    "query_oracle", "train_substitute", "Family", "family", "worst_of", "worst_of_k",
 ]
