@@ -142,3 +142,11 @@ def ece(probs, labels, num_bins: int = 15, *, adaptive: bool = False) -> float:
     r = reliability(probs, labels, num_bins, adaptive=adaptive)
     n = r["count"].sum()
     return float(np.sum(r["count"] / n * np.abs(r["accuracy"] - r["confidence"])))
+
+
+def nll(logits, labels) -> float:
+    """Mean negative log-likelihood of integer labels under softmax(logits)."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(labels)), labels]))

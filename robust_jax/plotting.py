@@ -90,3 +90,47 @@ def reliability_diagram(rel: dict[str, np.ndarray], path, *, title: str = "") ->
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def scatter(points: dict[str, tuple[float, float]], path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """Labelled points {name: (x, y)}, e.g. one model per point on a robustness trade-off plane."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    return _save(fig, path)
+
+
+def reliability_grid(rels: dict[str, dict[str, dict]], path, *, title: str = "") -> Path:
+    """Reliability diagrams in a grid: rows = outer keys (e.g. models), columns = inner keys (e.g. perturbations).
+    Each panel shows per-bin accuracy vs confidence and its ECE (``rel["ece"]`` if present)."""
+    plt = _plt()
+    rows, cols = list(rels), list(next(iter(rels.values())))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.3 * len(rows)), squeeze=False,
+                             sharex=True, sharey=True)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax, rel = axes[i][j], rels[r][c]
+            edges = np.asarray(rel["edges"])
+            centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+            mask = np.asarray(rel["count"]) > 0
+            ax.bar(centers[mask], np.asarray(rel["accuracy"])[mask], width=widths[mask], edgecolor="k", lw=0.3,
+                   alpha=0.7)
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            if "ece" in rel:
+                ax.text(0.04, 0.9, f"ECE {100 * rel['ece']:.1f}%", fontsize=7, transform=ax.transAxes)
+            if i == 0:
+                ax.set_title(c, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{r}\naccuracy", fontsize=8)
+            if i == len(rows) - 1:
+                ax.set_xlabel("confidence", fontsize=8)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -69,3 +69,43 @@ def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data)
     for name in ("results.md", "fgsm_accuracy_vs_eps.png", "uncertainty_hist_epistemic.png",
                  "uncertainty_roc_aleatoric.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
+    need_checkpoint("cifar10_resnet10")
+    real_data("cifar10")
+    args = ["--models=standard", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
+            "--batch_size=12", f"--out_dir={tmp_path}"]
+    _run("experiments.tradeoff", *args)
+    r = json.loads((tmp_path / "results.json").read_text())
+    e = r["models"]["standard"]["evals"]
+    assert {"clean", "rotation_worst_of_2", "rotation_severities", "noise_worst_of_2", "noise_severities"} <= set(e)
+    assert e["rotation_worst_of_2"]["accuracy"] <= e["rotation_worst_of_2"]["mean_accuracy"]
+    # at severity 0 (rotation by 0°) the accuracy is the clean accuracy
+    sev = e["rotation_severities"]
+    assert sev["accuracy"][sev["values"].index(0.0)] == pytest.approx(e["clean"])
+    for name in ("results.md", "tradeoff_rotation.png", "accuracy_vs_noise.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    # a rerun with one more family only computes that family (the cached entries are reused unchanged)
+    cached = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
+    _run("experiments.tradeoff", *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur"
+                                   for a in args])
+    again = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
+    assert again["rotation_worst_of_2"] == cached["rotation_worst_of_2"] and "blur_worst_of_2" in again
+
+
+@pytest.mark.slow
+def test_calibration_end_to_end(tmp_path, need_checkpoint, real_data):
+    need_checkpoint("cifar10_resnet10")
+    real_data("cifar10")
+    _run("experiments.calibration", "--models=standard", "--perturbations=clean,pgd_2,rotation,noise_0.1",
+         "--num_examples=20", "--num_val=40", "--batch_size=20", f"--out_dir={tmp_path}")
+    r = json.loads((tmp_path / "results.json").read_text())
+    row = r["results"]["standard"]
+    assert list(row) == ["clean", "pgd_2", "rotation", "noise_0.1"]
+    for v in row.values():
+        assert 0 <= v["ece"] <= 1 and 0 <= v["ece_temperature_scaled"] <= 1
+    assert row["pgd_2"]["accuracy"] <= row["clean"]["accuracy"]
+    assert 0.5 <= r["temperatures"]["standard"] <= 3.0
+    assert (tmp_path / "reliability.png").stat().st_size > 0
