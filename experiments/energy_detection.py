@@ -21,7 +21,7 @@ flags.DEFINE_string("dataset", "cifar10", "cifar10 | mnist")
 flags.DEFINE_string("checkpoint", None, "checkpoint name (default: cifar10_resnet10 / mnist_basic_cnn)")
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)")
 flags.DEFINE_integer("num_examples", 500, "test examples (the first N of the test split)")
-flags.DEFINE_integer("num_val", None, "validation examples for fitting the detector (default: num_examples)")
+flags.DEFINE_integer("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
 flags.DEFINE_float("eps", None, "Linf budget (default 8/255 for cifar10, 0.3 for mnist)")
 flags.DEFINE_float("big_eps", None, "second, larger budget for PGD-50 (default 16/255 / 0.4)")
 flags.DEFINE_float("step_size", None, "PGD step size (default eps/4)")
@@ -35,12 +35,16 @@ flags.DEFINE_float("target_fpr", 0.01, "target FPR for --threshold=fpr")
 flags.DEFINE_integer("batch_size", 250, "attack batch size")
 flags.DEFINE_integer("seed", 0, "PRNG seed for the attacks")
 flags.DEFINE_string("out_dir", None, "output dir (default results/energy_detection/<dataset>)")
+flags.DEFINE_integer("mc_num_examples", 200, "MC-dropout comparison: N test and N validation examples (0 = skip)")
+flags.DEFINE_integer("mc_samples", 8, "MC-dropout comparison: dropout masks per prediction and per EOT attack step")
+flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda")
 FLAGS = flags.FLAGS
 
 DEFAULTS = {"cifar10": ("cifar10_resnet10", 8 / 255, 16 / 255), "mnist": ("mnist_basic_cnn", 0.3, 0.4)}
 # The deck's detection table (CIFAR-10, ResNet-10): DR / FPR / FNR in %.
 DECK = {"pgd5": (83, 19, 17), "pgd10": (93, 4, 7), "pgd30": (98, 1, 2), "pgd50": (98, 0.7, 2),
         "pgd50_big": (99, 0.02, 0.1)}
+MC_DROPOUT = {"cifar10": "cifar10_allconv", "mnist": "mnist_basic_cnn"}  # issue 4's epistemic (dropout) models
 DECK_CONFUSION = {"TN": 98.78, "FP": 1.22, "FN": 2.14, "TP": 97.86, "accuracy_TN": 83.83}
 
 
@@ -61,7 +65,7 @@ def main(argv):
     eps = FLAGS.eps if FLAGS.eps is not None else eps_default
     big_eps = FLAGS.big_eps if FLAGS.big_eps is not None else big_default
     step_size = FLAGS.step_size or eps / 4
-    n, n_val = FLAGS.num_examples, FLAGS.num_val or FLAGS.num_examples
+    n, n_val = FLAGS.num_examples, FLAGS.num_val
     out = Path(FLAGS.out_dir or f"results/energy_detection/{ds}")
     out.mkdir(parents=True, exist_ok=True)
     curve_steps = sorted({int(s) for s in FLAGS.steps} | {0})
@@ -208,15 +212,71 @@ def main(argv):
                                   "detection rate (TPR)": np.array([r_fixed["tpr"]] + [r["tpr"] for r in le_rows])},
                    out / "auroc_vs_lambda.png", xlabel="λ (LE-PGD; 0 = PGD)", ylabel="fraction", logx=True,
                    title=f"{ds}: the price of evading the energy detector")
-    mc = "cifar10_resnet10_mcdropout" if ds == "cifar10" else "mnist_basic_cnn_mcdropout"
-    results["mc_dropout"] = ("not run: checkpoint absent" if mc not in checkpoints.available()
-                             else "present, not yet evaluated by this script")
+    if FLAGS.mc_num_examples > 0 and MC_DROPOUT[ds] in checkpoints.available():
+        t = time.time()
+        results["mc_dropout"] = mc_dropout_detection(ds, x_val, y_val, x_test, y_test, jax.random.fold_in(key, 6),
+                                                     eps=eps, step_size=step_size, steps=fixed)
+        timings["mc_dropout"] = time.time() - t
+    else:
+        results["mc_dropout"] = f"not run: checkpoint {MC_DROPOUT[ds]} absent or --mc_num_examples=0"
     timings["total"] = time.time() - t_start
     results["seconds"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md and figures in {timings['total']:.0f} s")
+
+
+def mc_dropout_detection(ds, x_val, y_val, x_test, y_test, key, *, eps, step_size, steps) -> dict:
+    """The energy detector on issue 4's MC-dropout model vs the same weights run deterministically.
+
+    The MC-dropout model's energy is that of its mean logits over ``--mc_samples`` masks; it is attacked through EOT
+    over as many masks per step (PGD and LE-PGD with ``--mc_lam``). Each model's detector (temperature and Youden
+    threshold) is fitted on its own validation clean vs PGD examples and applied unchanged to test.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from robust_jax import attacks, checkpoints, energy, metrics, uncertainty
+
+    m = checkpoints.load(MC_DROPOUT[ds])
+    n, num = FLAGS.mc_num_examples, FLAGS.mc_samples
+
+    def mc_mean_logits(v, x, k):
+        sample = uncertainty.mc_dropout_logits_fn(m.apply, v)
+        return jnp.mean(jax.vmap(lambda kk: sample(kk, x))(jax.random.split(k, num)), 0)
+
+    variants = {  # name -> (attacked logits_fn builder, predictive logits)
+        "deterministic": (lambda v: functools.partial(m.apply, v), lambda v, x, k: m.apply(v, x)),
+        "mc_dropout": (lambda v: attacks.eot(uncertainty.mc_dropout_logits_fn(m.apply, v), num), mc_mean_logits),
+    }
+    rows = {}
+    for name, (attacked, predict) in variants.items():
+        def attack(v, x, y, k, attacked=attacked, predict=predict):
+            k_att, k_le, k_pred = jax.random.split(k, 3)
+            xa = attacks.pgd(attacked(v), x, y, key=k_att, eps=eps, step_size=step_size, steps=steps)
+            xl = attacks.le_pgd(attacked(v), x, y, key=k_le, eps=eps, step_size=step_size, steps=FLAGS.le_steps,
+                                lam=FLAGS.mc_lam)
+            return {"clean": predict(v, x, k_pred), "pgd": predict(v, xa, k_pred), "le_pgd": predict(v, xl, k_pred)}
+
+        run = functools.partial(attacks.run_attack, attack, m.variables, batch_size=FLAGS.batch_size)
+        val = run(x_val[:n], y_val[:n], key=jax.random.fold_in(key, 0), desc=f"{name} val")
+        test = run(x_test[:n], y_test[:n], key=jax.random.fold_in(key, 1), desc=f"{name} test")
+        det = energy.fit_detector(val["clean"], val["pgd"])
+        row = {"clean_accuracy": metrics.accuracy(test["clean"], y_test[:n]), "temperature": det["temperature"]}
+        for atk in ("pgd", "le_pgd"):
+            scores = np.r_[np.asarray(energy.score(test["clean"], det["temperature"])),
+                           np.asarray(energy.score(test[atk], det["temperature"]))]
+            labels = np.r_[np.zeros(n), np.ones(n)]
+            row[atk] = {**metrics.detection_rates(scores, labels, det["threshold"]),
+                        "auroc": metrics.auroc(scores, labels),
+                        "adversarial_accuracy": metrics.accuracy(test[atk], y_test[:n]),
+                        "mean_energy": float(np.mean(energy.energy(test[atk])))}
+        row["clean_mean_energy"] = float(np.mean(energy.energy(test["clean"])))
+        rows[name] = row
+    return {"checkpoint": MC_DROPOUT[ds], "num_examples": n, "mc_samples": num, "eot_samples": num,
+            "steps": steps, "le_steps": FLAGS.le_steps, "lam": FLAGS.mc_lam, "rows": rows}
 
 
 def _pct(v):
@@ -258,7 +318,22 @@ def markdown(r) -> str:
     for x in r["le_pgd"]:
         lines.append(f"| {x['lam']:g} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {x['auroc']:.4f} | "
                      f"{_pct(x['adversarial_accuracy'])} | {x['mean_energy']:.3f} |")
-    lines += ["", f"MC-dropout model: {r['mc_dropout']}.", "",
+    mc = r["mc_dropout"]
+    if isinstance(mc, str):
+        lines += ["", f"MC-dropout model: {mc}."]
+    else:
+        lines += ["", f"## The same detector on the MC-dropout model (`{mc['checkpoint']}`, {mc['mc_samples']} masks, "
+                  f"attacks through EOT over {mc['eot_samples']} masks; N={mc['num_examples']})", "",
+                  "| model | clean acc % | T | attack | DR % | FPR % | AUROC | adv. acc % | mean E clean → adv |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in mc["rows"].items():
+            for atk, label in (("pgd", f"PGD-{mc['steps']}"), ("le_pgd", f"LE-PGD λ={mc['lam']:g}")):
+                x = row[atk]
+                lines.append(f"| {name} | {_pct(row['clean_accuracy'])} | {row['temperature']:g} | {label} | "
+                             f"{_pct(x['tpr'])} | {_pct(x['fpr'])} | {x['auroc']:.4f} | "
+                             f"{_pct(x['adversarial_accuracy'])} | {row['clean_mean_energy']:.2f} → "
+                             f"{x['mean_energy']:.2f} |")
+    lines += ["",
               "Figures: energy_hist_pgd.png, energy_vs_steps.png, energy_hist_le_pgd.png, roc_pgd_vs_le_pgd.png, "
               "auroc_vs_lambda.png", ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
     real_data("mnist")
     _run("experiments.energy_detection", "--dataset=mnist", "--num_examples=24", "--steps=0,1,2",
          "--detector_steps=1,2", "--fixed_steps=2", "--lams=1", "--le_steps=2", "--batch_size=24",
+         "--num_val=24", "--mc_num_examples=8", "--mc_samples=2",
          f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
     assert [row["steps"] for row in r["energy_vs_steps"]] == [0, 1, 2]
@@ -27,6 +28,10 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
         assert {"tpr", "fpr", "fnr", "auroc", "aupr", "adversarial_accuracy", "temperature"} <= set(row)
     assert set(r["confusion_pgd"]) >= {"TN", "FP", "FN", "TP"}
     assert r["le_pgd"][0]["lam"] == 1.0
+    mc = r["mc_dropout"]
+    assert set(mc["rows"]) == {"deterministic", "mc_dropout"} and mc["eot_samples"] == 2
+    for row in mc["rows"].values():
+        assert {"tpr", "fpr", "auroc", "adversarial_accuracy"} <= set(row["pgd"]) and "le_pgd" in row
     for name in ("results.md", "energy_hist_pgd.png", "energy_vs_steps.png", "energy_hist_le_pgd.png",
                  "roc_pgd_vs_le_pgd.png", "auroc_vs_lambda.png"):
         assert (tmp_path / name).stat().st_size > 0
