@@ -13,7 +13,9 @@ softmax of T masks), ``aleatoric`` (heteroscedastic head, Kendall & Gal 2017: me
 
 - ``deck``: as a CleverHans user would have: the attack differentiates one forward pass per gradient step (for
   MC-dropout a fresh dropout mask each step; for the aleatoric head its mean logits μ).
-- ``adaptive``: EOT (Athalye et al. 2018) over S dropout masks / logit-noise draws per step — the honest number.
+- ``adaptive``: EOT (Athalye et al. 2018) over S dropout masks / logit-noise draws per step, and CW-L2 with a
+  confidence margin (``--adaptive_cw_confidence``; Carlini & Wagner 2017 broke MC-dropout detection this way) — the
+  honest number.
 
 The deterministic model and the black-box attack (labels only) have no randomness to adapt to: their adaptive
 rows repeat the deck rows (marked ``"same_as_deck": true``). Accuracy is always that of the defended prediction.
@@ -42,6 +44,10 @@ flags.DEFINE_integer("mc_samples", 20, "T: dropout masks / logit samples in each
 flags.DEFINE_integer("eot_samples", 8, "S: samples per gradient step of the adaptive (EOT) attacks")
 flags.DEFINE_integer("cw_steps", 50, "CW-L2 Adam steps per binary-search step")
 flags.DEFINE_integer("cw_binary_search_steps", 3, "CW-L2 binary-search steps")
+flags.DEFINE_float("adaptive_cw_confidence", 5.0,
+                   "CW-L2 confidence margin kappa (logits) of the adaptive protocol; the deck protocol uses 0. A "
+                   "minimal (kappa=0) example sits on the decision boundary, where a stochastic predictive flips "
+                   "back at random: the adaptive attacker asks for a margin on every EOT sample")
 flags.DEFINE_integer("blackbox_rounds", 6, "substitute training rounds (Jacobian augmentation)")
 flags.DEFINE_integer("batch_size", 250, "attack batch size")
 flags.DEFINE_integer("seed", 0, "seed")
@@ -183,7 +189,9 @@ def main(argv):
                     rows.append({**prev, "protocol": "adaptive", "same_as_deck": True})
                     continue
                 n_a = n_slow if attack in ("cw_l2", "jsma") else len(x)
-                a_cfg = dataclasses.replace(cfg, eot_samples=FLAGS.eot_samples if protocol == "adaptive" else 0)
+                adaptive = protocol == "adaptive"
+                a_cfg = dataclasses.replace(cfg, eot_samples=FLAGS.eot_samples if adaptive else 0,
+                                            cw_confidence=FLAGS.adaptive_cw_confidence if adaptive else 0.0)
                 t0 = time.time()
                 (row,) = evaluate.evaluate_attacks(
                     [attack], predict, defence.model.variables, x[:n_a], y[:n_a],
@@ -198,7 +206,7 @@ def main(argv):
                            seed=FLAGS.seed, eps=cfg.eps if attack in ("fgsm", "blackbox") else None,
                            mc_samples=FLAGS.mc_samples if dname != "none" else 1,
                            eot_samples=FLAGS.eot_samples if protocol == "adaptive" and dname != "none" else 0,
-                           same_as_deck=False)
+                           cw_confidence=a_cfg.cw_confidence if attack == "cw_l2" else None, same_as_deck=False)
                 warnings[f"{dname}/{protocol}"] = row["warnings"]
                 rows.append(row)
                 print(f"  {dname:9s} {protocol:8s} {attack:8s} n={row['n']:5d} clean {100 * row['accuracy']:6.2f}% "
