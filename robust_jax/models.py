@@ -10,15 +10,23 @@ work in pixel space. Call signature::
   its running statistics. This is the MC-dropout mode; with ``dropout_rate=0`` it equals the deterministic model.
 - ``hetero=True`` (attribute): a heteroscedastic head; the model returns ``(logit_mean, logit_log_variance)``
   instead of logits (Kendall & Gal 2017, see ``robust_jax.uncertainty``).
+- ``conv_impl`` (attribute): how every ``nn.Conv`` convolves. ``"custom_vjp"`` (default) is
+  ``robust_jax.conv.conv_general_dilated``: the same forward convolution, with a backward pass made of ordinary
+  channels-last convolutions, which XLA:CPU runs fast inside rolled loops (``lax.fori_loop`` / ``lax.scan``);
+  ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
+  ``jax.jvp`` / ``jax.jacfwd``). Parameters, their names and the outputs are the same for both.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from robust_jax import conv as conv_lib
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -30,6 +38,11 @@ def _normalise(x, mean, std):
     if x.shape[-1] != len(mean):
         raise ValueError(f"expected {len(mean)} channel(s), got shape {x.shape}")
     return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _conv(conv_impl: str):
+    """``nn.Conv`` with the chosen convolution function (same parameters for every ``conv_impl``)."""
+    return functools.partial(nn.Conv, conv_general_dilated=conv_lib.resolve(conv_impl))
 
 
 class _Head(nn.Module):
@@ -57,13 +70,15 @@ class BasicCNN(nn.Module):
     hetero: bool = False
     mean: Sequence[float] = MNIST_MEAN
     std: Sequence[float] = MNIST_STD
+    conv_impl: str = "custom_vjp"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mc_dropout: bool = False):
         drop = not (train or mc_dropout)
+        Conv = _conv(self.conv_impl)
         h = _normalise(x, self.mean, self.std)
-        h = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(h))
-        h = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(h))
+        h = nn.relu(Conv(64, (3, 3), padding="VALID")(h))
+        h = nn.relu(Conv(64, (3, 3), padding="VALID")(h))
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
         h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
         h = h.reshape(h.shape[0], -1)
@@ -88,12 +103,14 @@ class AllConvNet(nn.Module):
     hetero: bool = False
     mean: Sequence[float] = CIFAR_MEAN
     std: Sequence[float] = CIFAR_STD
+    conv_impl: str = "custom_vjp"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mc_dropout: bool = False):
         drop = not (train or mc_dropout)
+        Conv = _conv(self.conv_impl)
         norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
-        conv = lambda c, k=3, s=1: nn.Conv(c, (k, k), strides=(s, s), padding="SAME", use_bias=False)  # noqa: E731
+        conv = lambda c, k=3, s=1: Conv(c, (k, k), strides=(s, s), padding="SAME", use_bias=False)  # noqa: E731
         h = _normalise(x, self.mean, self.std)
         w = self.width
         for stage, c in enumerate((w, 2 * w, 4 * w)):
@@ -104,7 +121,7 @@ class AllConvNet(nn.Module):
                 h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
         h = nn.relu(norm()(conv(4 * w, k=1)(h)))
         h = nn.Dropout(self.dropout_rate, deterministic=drop)(h)
-        out = nn.Conv(self.num_classes * (2 if self.hetero else 1), (1, 1), name="classifier")(h)
+        out = Conv(self.num_classes * (2 if self.hetero else 1), (1, 1), name="classifier")(h)
         out = jnp.mean(out, axis=(1, 2))  # global average pooling
         if not self.hetero:
             return out
@@ -116,17 +133,19 @@ class _BasicBlock(nn.Module):
     features: int
     strides: int
     train: bool
+    conv_impl: str = "custom_vjp"
 
     @nn.compact
     def __call__(self, x):
+        Conv = _conv(self.conv_impl)
         norm = lambda **kw: nn.BatchNorm(use_running_average=not self.train, momentum=0.9, **kw)  # noqa: E731
         s = (self.strides, self.strides)
-        h = nn.Conv(self.features, (3, 3), strides=s, padding=((1, 1), (1, 1)), use_bias=False)(x)
+        h = Conv(self.features, (3, 3), strides=s, padding=((1, 1), (1, 1)), use_bias=False)(x)
         h = nn.relu(norm()(h))
-        h = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(h)
+        h = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(h)
         h = norm(scale_init=nn.initializers.zeros)(h)  # zero-init residual: each block starts as identity
         if x.shape[-1] != self.features or self.strides != 1:
-            x = nn.Conv(self.features, (1, 1), strides=s, use_bias=False, name="shortcut")(x)
+            x = Conv(self.features, (1, 1), strides=s, use_bias=False, name="shortcut")(x)
             x = norm(name="shortcut_bn")(x)
         return nn.relu(h + x)
 
@@ -147,14 +166,16 @@ class ResNet10(nn.Module):
     hetero: bool = False
     mean: Sequence[float] = CIFAR_MEAN
     std: Sequence[float] = CIFAR_STD
+    conv_impl: str = "custom_vjp"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mc_dropout: bool = False):
+        Conv = _conv(self.conv_impl)
         h = _normalise(x, self.mean, self.std)
         if self.stem == "cifar":
-            h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(h)
+            h = Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(h)
         elif self.stem == "imagenet":
-            h = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="stem")(h)
+            h = Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="stem")(h)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
         h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_bn")(h))
@@ -163,7 +184,7 @@ class ResNet10(nn.Module):
         for i, n_blocks in enumerate(self.stages):
             for j in range(n_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
-                h = _BasicBlock(self.width * 2**i, strides, train)(h)
+                h = _BasicBlock(self.width * 2**i, strides, train, self.conv_impl)(h)
         h = jnp.mean(h, axis=(1, 2))
         h = nn.Dropout(self.dropout_rate, deterministic=not (train or mc_dropout))(h)
         return _Head(self.num_classes, self.hetero)(h)
