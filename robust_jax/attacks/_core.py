@@ -146,8 +146,15 @@ def choose_loop(loop: str) -> str:
 
 
 def iterate(body: Callable, init, steps: int, loop: str = "auto"):
-    """Run ``state = body(i, state)`` for i in range(steps) with the chosen loop form."""
+    """Run ``state = body(i, state)`` for i in range(steps) with the chosen loop form.
+
+    ``unroll`` traces the body ``steps`` times in a Python loop (``i`` an int32 scalar, as ``fori_loop`` passes it):
+    ``lax.fori_loop(..., unroll=True)`` still emits a rolled ``while`` loop when ``steps == 1``."""
     loop = choose_loop(loop)
+    if loop == "unroll":
+        for i in range(steps):
+            init = body(jnp.asarray(i, jnp.int32), init)
+        return init
     if loop == "scan":
         return jax.lax.scan(lambda s, i: (body(i, s), None), init, jnp.arange(steps))[0]
-    return jax.lax.fori_loop(0, steps, body, init, unroll=(loop == "unroll") or None)
+    return jax.lax.fori_loop(0, steps, body, init)
