@@ -247,12 +247,12 @@ def mc_dropout_detection(ds, x_val, y_val, x_test, y_test, key, *, eps, step_siz
         sample = uncertainty.mc_dropout_logits_fn(m.apply, v)
         return jnp.mean(jax.vmap(lambda kk: sample(kk, x))(jax.random.split(k, num)), 0)
 
-    variants = {  # name -> (attacked logits_fn builder, predictive logits)
-        "deterministic": (lambda v: functools.partial(m.apply, v), lambda v, x, k: m.apply(v, x)),
-        "mc_dropout": (lambda v: attacks.eot(uncertainty.mc_dropout_logits_fn(m.apply, v), num), mc_mean_logits),
+    variants = {  # name -> (attacked logits_fn builder, predictive logits, forward passes per image)
+        "deterministic": (lambda v: functools.partial(m.apply, v), lambda v, x, k: m.apply(v, x), 1),
+        "mc_dropout": (lambda v: attacks.eot(uncertainty.mc_dropout_logits_fn(m.apply, v), num), mc_mean_logits, num),
     }
     rows = {}
-    for name, (attacked, predict) in variants.items():
+    for name, (attacked, predict, passes) in variants.items():
         def attack(v, x, y, k, attacked=attacked, predict=predict):
             k_att, k_le, k_pred = jax.random.split(k, 3)
             xa = attacks.pgd(attacked(v), x, y, key=k_att, eps=eps, step_size=step_size, steps=steps)
@@ -260,7 +260,8 @@ def mc_dropout_detection(ds, x_val, y_val, x_test, y_test, key, *, eps, step_siz
                                 lam=FLAGS.mc_lam)
             return {"clean": predict(v, x, k_pred), "pgd": predict(v, xa, k_pred), "le_pgd": predict(v, xl, k_pred)}
 
-        run = functools.partial(attacks.run_attack, attack, m.variables, batch_size=FLAGS.batch_size)
+        # EOT runs `passes` forward passes per image: keep the effective batch (and memory) at --batch_size
+        run = functools.partial(attacks.run_attack, attack, m.variables, batch_size=max(1, FLAGS.batch_size // passes))
         val = run(x_val[:n], y_val[:n], key=jax.random.fold_in(key, 0), desc=f"{name} val")
         test = run(x_test[:n], y_test[:n], key=jax.random.fold_in(key, 1), desc=f"{name} test")
         det = energy.fit_detector(val["clean"], val["pgd"])
