@@ -28,9 +28,10 @@ Backward pass, for forward stride ``s``, kernel size ``k``, padding ``(lo, hi)``
   layers at 32x32 and 16x16, equal at 8x8).
 - weight gradient: the correlation of input and cotangent as a forward convolution with the batch as the
   contracted feature dimension: ``x`` as ``(Cin, H, W, N)``, the cotangent as an ``(O_h, O_w, N, Cout)`` kernel
-  dilated by ``s``, giving ``(Cin, k_h, k_w, Cout)``. Measured against one matrix product per kernel tap (the
-  strided input slice times the cotangent, summed over batch and space): that made the ResNet-10/64 train step
-  1.7x slower; this form matches the train-step speed of JAX's own weight gradient (benchmarks/README.md).
+  dilated by ``s``, giving ``(Cin, k_h, k_w, Cout)``. For 1x1 kernels: one matrix product of the strided input
+  and the cotangent (as a dilated convolution, the strided 1x1 shortcuts made the ResNet-10/16 train step ~10%
+  slower). One matrix product per kernel tap for larger kernels made the ResNet-10/64 train step 1.7x slower. With
+  these forms the train step runs at the speed of JAX's own gradients (benchmarks/README.md).
 
 Both gradients equal JAX's autodiff gradients up to float32 summation order (tests/test_conv.py). The backward
 pass is built from differentiable ``lax`` ops, so reverse-over-reverse (``jax.grad`` of ``jax.grad``) works;
@@ -186,6 +187,12 @@ def _weight_grad(x, g, strides, pads, k_sp, precision):
     nd = x.ndim
     n_sp = nd - 2
     o_sp = g.shape[1:-1]
+    if all(k == 1 for k in k_sp):  # 1x1 kernel (no padding): one matrix product of the strided input and g
+        xs = lax.slice(x, (0,) * nd, (x.shape[0], *[(o - 1) * s + 1 for o, s in zip(o_sp, strides)], x.shape[-1]),
+                       (1, *strides, 1))
+        axes = tuple(range(nd - 1))
+        dw = lax.dot_general(xs, g, ((axes, axes), ((), ())), precision=precision)
+        return dw.reshape(*k_sp, *dw.shape)
     conv_pads = []
     for d, (h, k, s, (lo, _), o) in enumerate(zip(x.shape[1:-1], k_sp, strides, pads, o_sp)):
         hi = k + (o - 1) * s - h - lo  # < 0 when the forward dropped trailing input rows
