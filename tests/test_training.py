@@ -40,6 +40,20 @@ def test_loss_falls_on_tiny_batch():
         state, metrics = step(state, x, y)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
+    assert step._cache_size() == 1  # new parameters and optimizer state every step, one compilation
+
+
+def test_donating_train_step_compiles_once_and_frees_the_old_state():
+    m = models.create({"name": "BasicCNN"})
+    tx = optax.sgd(0.1)
+    state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
+    step = training.make_train_step(m, tx)  # donate=True: the input state's buffers are reused for the output
+    x, y = _toy_data(16)
+    for _ in range(3):
+        old = state
+        state, _ = step(state, x, y)
+    assert step._cache_size() == 1
+    assert jax.tree.leaves(old.params)[0].is_deleted()
 
 
 def _params(result):
