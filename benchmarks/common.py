@@ -34,17 +34,6 @@ def environment() -> dict:
             "load_average": os.getloadavg()}
 
 
-def flops(jitted, *args) -> float | None:
-    """FLOPs of one call from XLA's cost analysis (None if unavailable)."""
-    try:
-        cost = jitted.lower(*args).compile().cost_analysis()
-        if isinstance(cost, list):
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001 - cost analysis is best effort
-        return None
-
-
 def timeit(fn, *, repeats: int = 5, warmup: int = 1) -> dict:
     """Compile (first call) and steady-state timings of ``fn()`` (which must block until ready)."""
     t0 = time.perf_counter()
@@ -68,6 +57,7 @@ def compile_timed(jitted, *args):
 
 
 def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled executable from XLA's cost analysis (None if unavailable)."""
     try:
         cost = compiled.cost_analysis()
         if isinstance(cost, list):
