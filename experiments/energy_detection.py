@@ -36,7 +36,7 @@ flags.DEFINE_integer("batch_size", 250, "attack batch size")
 flags.DEFINE_integer("seed", 0, "PRNG seed for the attacks")
 flags.DEFINE_string("out_dir", None, "output dir (default results/energy_detection/<dataset>)")
 flags.DEFINE_integer("mc_num_examples", 100, "MC-dropout comparison: N test and N validation examples (0 = skip; "
-                     "the reference run in results/ used 200, which adds ~3 min)")
+                     "200 adds ~1.5 min)")
 flags.DEFINE_integer("mc_samples", 8, "MC-dropout comparison: dropout masks per prediction and per EOT attack step")
 flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda")
 FLAGS = flags.FLAGS
