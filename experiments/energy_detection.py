@@ -42,10 +42,10 @@ flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda")
 FLAGS = flags.FLAGS
 
 DEFAULTS = {"cifar10": ("cifar10_resnet10", 8 / 255, 16 / 255), "mnist": ("mnist_basic_cnn", 0.3, 0.4)}
-# The deck's detection table (CIFAR-10, ResNet-10): DR / FPR / FNR in %.
 # The checkpoints' convolutions have a custom VJP (robust_jax.conv), so a rolled loop runs as fast as an unrolled one
 # on CPU and compiles in constant time (benchmarks/README.md): the 30- and 50-step attacks here compile in seconds.
 LOOP = "fori"
+# The deck's detection table (CIFAR-10, ResNet-10): DR / FPR / FNR in %.
 DECK = {"pgd5": (83, 19, 17), "pgd10": (93, 4, 7), "pgd30": (98, 1, 2), "pgd50": (98, 0.7, 2),
         "pgd50_big": (99, 0.02, 0.1)}
 MC_DROPOUT = {"cifar10": "cifar10_allconv", "mnist": "mnist_basic_cnn"}  # issue 4's epistemic (dropout) models
