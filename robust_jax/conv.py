@@ -269,8 +269,11 @@ channels-last forward convolutions (fast inside XLA:CPU while-loops; see the mod
 configurations call ``lax.conv_general_dilated`` directly."""
 
 
-def resolve(impl: str):
-    """The ``conv_general_dilated`` function for a model's ``conv_impl``: ``"custom_vjp"`` or ``"xla"``."""
+def resolve(impl):
+    """The ``conv_general_dilated`` function for a model's ``conv_impl``: ``"custom_vjp"``, ``"xla"``, or a callable
+    with the signature of ``lax.conv_general_dilated`` (e.g. an external kernel, as in ``benchmarks/onednn``)."""
+    if callable(impl):
+        return impl
     if impl == "custom_vjp":
         return conv_general_dilated
     if impl == "xla":

@@ -14,7 +14,8 @@ work in pixel space. Call signature::
   ``robust_jax.conv.conv_general_dilated``: the same forward convolution, with a backward pass made of ordinary
   channels-last convolutions, which XLA:CPU runs fast inside rolled loops (``lax.fori_loop`` / ``lax.scan``);
   ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
-  ``jax.jvp`` / ``jax.jacfwd``). Parameters, their names and the outputs are the same for both.
+  ``jax.jvp`` / ``jax.jacfwd``). Parameters, their names and the outputs are the same for both. A callable with
+  the signature of ``lax.conv_general_dilated`` is used as given (benchmarks of other convolution kernels).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _normalise(x, mean, std):
     return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def _conv(conv_impl: str):
+def _conv(conv_impl):
     """``nn.Conv`` with the chosen convolution function (same parameters for every ``conv_impl``)."""
     return functools.partial(nn.Conv, conv_general_dilated=conv_lib.resolve(conv_impl))
 

@@ -298,3 +298,20 @@ def test_checkpoint_predictions_unchanged(need_checkpoint, real_data):
     np.testing.assert_allclose(lc, lx, atol=1e-5, rtol=0)
     np.testing.assert_allclose(gc, gx, atol=1e-5, rtol=1e-4)
     assert float(np.mean(np.argmax(lc, -1) == y)) > 0.8
+
+
+def test_models_accept_a_conv_callable():
+    """``conv_impl`` may be any lax.conv_general_dilated-compatible callable (how benchmarks/onednn plugs in)."""
+    calls = []
+
+    def recording_conv(*args, **kwargs):
+        calls.append(args[1].shape)
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    ref = models.ResNet10(width=4, conv_impl="xla")
+    v = ref.init(jax.random.PRNGKey(1), x)
+    out = models.ResNet10(width=4, conv_impl=recording_conv).apply(v, x)
+    np.testing.assert_array_equal(out, ref.apply(v, x))
+    assert len(calls) == sum(1 for p in jax.tree_util.tree_leaves_with_path(v["params"]) if "kernel" in str(p[0])
+                             and p[1].ndim == 4)

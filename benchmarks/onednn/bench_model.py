@@ -2,8 +2,9 @@
 
 python bench_model.py [--what fwdgrad,train] [--variants xla,dnnl_f32,dnnl_bf16] [--reps 9] [--json out.json]
 
-Uses the self-contained resnet10.py (the architecture of robust_jax.models.ResNet10) with ``conv=`` set per variant:
-None (plain ``lax.conv_general_dilated``) or ``onednn_conv.make_conv_general_dilated(dtype)``.
+Uses robust_jax.models.ResNet10 and robust_jax.training's train step, with ``conv_impl`` set per variant: ``"xla"``
+(plain ``lax.conv_general_dilated``) or ``onednn_conv.make_conv_general_dilated(dtype)``; the lowered HLO is checked
+for the oneDNN custom calls.
 XLA_FLAGS defaults to robust_jax's --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce.
 """
 import os
@@ -19,13 +20,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import onednn_conv as oc  # noqa: E402
-import resnet10  # noqa: E402
+
+from robust_jax import models, training  # noqa: E402
 
 
 def conv_for(variant):
     if variant == "xla":
-        return None
+        return "xla"
     return oc.make_conv_general_dilated(jnp.bfloat16 if "bf16" in variant else jnp.float32)
+
+
+def fwd_input_grad(model):
+    """Jitted gradient of the mean CE loss w.r.t. the input images (eval mode): the inner step of PGD."""
+    return jax.jit(jax.grad(lambda v, x, y: training.cross_entropy(model.apply(v, x), y).mean(), argnums=1))
 
 
 def set_mode(variant):
@@ -56,16 +63,15 @@ def main():
         y = jnp.asarray(rng.integers(0, 10, bs))
         fns, args, compile_s, lower_compile = {}, {}, {}, {}
         for v in variants:
-            m = resnet10.ResNet10(width=a.width, conv=conv_for(v))
-            variables = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-            if what == "train":
-                tx = resnet10.sgd()
-                fns[v] = resnet10.make_train_step(m, tx)
-                args[v] = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y,
-                           jax.random.PRNGKey(1))
+            m = models.ResNet10(width=a.width, conv_impl=conv_for(v))
+            if what == "train":  # SGD-Nesterov + weight decay, flips+crops, BatchNorm in train mode
+                tx = training.make_optimizer("sgd", 0.05, total_steps=1000, weight_decay=5e-4)
+                state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (32, 32, 3))
+                fns[v] = training.make_train_step(m, tx, augment_fn=training.flip_crop, donate=False)
+                args[v] = (state, x, y)
             else:
-                fns[v] = resnet10.fwd_input_grad(m)
-                args[v] = (variables, x.astype(jnp.float32) / 255, y)
+                fns[v] = fwd_input_grad(m)
+                args[v] = (m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))), x.astype(jnp.float32) / 255, y)
             t0 = time.perf_counter()
             lowered = fns[v].lower(*args[v])
             t1 = time.perf_counter()

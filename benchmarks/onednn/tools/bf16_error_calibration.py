@@ -8,8 +8,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import onednn_conv as oc  # noqa: E402
-import resnet10  # noqa: E402
+from bench_model import fwd_input_grad  # noqa: E402
 from jax import lax  # noqa: E402
+
+from robust_jax import models  # noqa: E402
 
 
 def xla_bf16(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -23,10 +25,11 @@ rng = np.random.default_rng(0)
 x = jnp.asarray(rng.integers(0, 256, (32, 32, 32, 3)), jnp.float32) / 255
 y = jnp.asarray(rng.integers(0, 10, 32))
 grads = {}
-for name, conv in [("xla_f32", None), ("xla_bf16_operands", xla_bf16), ("onednn_bf16", oc.make_conv_general_dilated())]:
-    m = resnet10.ResNet10(conv=conv)
+convs = [("xla_f32", "xla"), ("xla_bf16_operands", xla_bf16), ("onednn_bf16", oc.make_conv_general_dilated())]
+for name, conv in convs:
+    m = models.ResNet10(width=64, conv_impl=conv)
     v = m.init(jax.random.PRNGKey(0), x[:1])
-    grads[name] = resnet10.fwd_input_grad(m)(v, x, y)
+    grads[name] = fwd_input_grad(m)(v, x, y)
 ref = grads["xla_f32"]
 for k, g in grads.items():
     print(f"{k:18s} max_rel {float(jnp.max(jnp.abs(g - ref)) / jnp.max(jnp.abs(ref))):.3g}  "
