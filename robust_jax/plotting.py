@@ -92,18 +92,43 @@ def reliability_diagram(rel: dict[str, np.ndarray], path, *, title: str = "") ->
     return _save(fig, path)
 
 
-def scatter(points: dict[str, tuple[float, float]], path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
-    """Labelled points {name: (x, y)}, e.g. one model per point on a robustness trade-off plane."""
+def scatter(points: dict[str, tuple[float, float]], path, *, xlabel: str, ylabel: str, title: str = "",
+            paths: dict[str, list[str]] | None = None) -> Path:
+    """Labelled points {name: (x, y)}, e.g. one model per point on a robustness trade-off plane; ``paths``
+    {label: [names]} joins named points in order with a labelled line (e.g. a series of training strengths)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for label, names in (paths or {}).items():
+        pts = np.array([points[n] for n in names if n in points])
+        ax.plot(pts[:, 0], pts[:, 1], ls="--", lw=1, alpha=0.6, label=label)
     for name, (x, y) in points.items():
-        ax.scatter([x], [y], s=40)
+        ax.scatter([x], [y], s=40, zorder=3)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if paths:
+        ax.legend(fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
+    return _save(fig, path)
+
+
+def panels(items, path, *, ylabel: str, title: str = "") -> Path:
+    """Side-by-side line plots sharing the y axis; ``items`` = [(x, {series: ys}, xlabel, point_labels | None)].
+    Point labels (e.g. model names) are written under the x ticks."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(items), figsize=(5 * len(items), 4.2), squeeze=False, sharey=True)
+    for ax, (x, ys, xlabel, labels) in zip(axes[0], items):
+        for name, y in ys.items():
+            ax.plot(x, y, marker="o", label=name)
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{v:g}" + (f"\n{lab}" if labels else "") for v, lab in zip(x, labels or x)], fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -83,18 +83,25 @@ def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data)
 @pytest.mark.slow
 def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
     need_checkpoint("cifar10_resnet10")
+    need_checkpoint("cifar10_resnet10_pgd")
     real_data("cifar10")
-    args = ["--models=standard", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
-            "--batch_size=12", f"--out_dir={tmp_path}"]
+    args = ["--models=standard,pgd", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
+            "--curve_eps=2", "--batch_size=12", f"--out_dir={tmp_path}"]
     _run("experiments.tradeoff", *args)
     r = json.loads((tmp_path / "results.json").read_text())
     e = r["models"]["standard"]["evals"]
     assert {"clean", "rotation_worst_of_2", "rotation_severities", "noise_worst_of_2", "noise_severities"} <= set(e)
     assert e["rotation_worst_of_2"]["accuracy"] <= e["rotation_worst_of_2"]["mean_accuracy"]
+    # PGD at the main budget (8/255) and at the curve budget (2/255): the larger ball is at least as strong
+    pgd8, pgd2 = e["pgd2_eps0.03137"], e["pgd2_eps0.00784"]
+    assert pgd8["eps"] == pytest.approx(8 / 255) and pgd2["eps"] == pytest.approx(2 / 255)
+    assert pgd8["accuracy"] <= pgd2["accuracy"] <= e["clean"]
+    # the training-eps series (standard -> pgd) is drawn from the two available points
+    assert r["series"]["training eps (/255)"] == {"strength": [0.0, 8.0], "models": ["standard", "pgd"]}
     # at severity 0 (rotation by 0°) the accuracy is the clean accuracy
     sev = e["rotation_severities"]
     assert sev["accuracy"][sev["values"].index(0.0)] == pytest.approx(e["clean"])
-    for name in ("results.md", "tradeoff_rotation.png", "accuracy_vs_noise.png"):
+    for name in ("results.md", "tradeoff_rotation.png", "accuracy_vs_noise.png", "strength_rotation.png"):
         assert (tmp_path / name).stat().st_size > 0
     # a rerun with one more family only computes that family (the cached entries are reused unchanged)
     cached = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
@@ -102,6 +109,7 @@ def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
                                    for a in args])
     again = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
     assert again["rotation_worst_of_2"] == cached["rotation_worst_of_2"] and "blur_worst_of_2" in again
+    assert again["pgd2_eps0.00784"] == cached["pgd2_eps0.00784"]
 
 
 @pytest.mark.slow
@@ -118,3 +126,8 @@ def test_calibration_end_to_end(tmp_path, need_checkpoint, real_data):
     assert row["pgd_2"]["accuracy"] <= row["clean"]["accuracy"]
     assert 0.5 <= r["temperatures"]["standard"] <= 3.0
     assert (tmp_path / "reliability.png").stat().st_size > 0
+    # a rerun with one more perturbation reuses the cached rows (same key per perturbation name)
+    _run("experiments.calibration", "--models=standard", "--perturbations=rotation,blur",
+         "--num_examples=20", "--num_val=40", "--batch_size=20", f"--out_dir={tmp_path}")
+    again = json.loads((tmp_path / "results.json").read_text())["results"]["standard"]
+    assert list(again) == ["rotation", "blur"] and again["rotation"] == row["rotation"]
