@@ -113,7 +113,10 @@ def verdicts(results: dict, perturbations) -> list[str]:
     pairs = [("pgd", "standard", "pixel-wise robustness (PGD training) gives better calibration than standard"),
              ("pgd_rot", "standard", "combining both (PGD + rotations) still gives better calibration than standard"),
              ("pgd_rot", "rot", "adding PGD training to rotation training improves calibration"),
-             ("rot", "standard", "rotation training gives better calibration than standard")]
+             ("rot", "standard", "rotation training gives better calibration than standard"),
+             # the eps series: is it pixel robustness as such, or its strength?
+             ("fgsm_eps2", "standard", "mild pixel-wise robustness (eps 2/255) gives better calibration than standard"),
+             ("fgsm_eps4", "standard", "pixel-wise robustness at eps 4/255 gives better calibration than standard")]
     for a, b, claim in pairs:
         if a not in results or b not in results:
             continue

@@ -206,20 +206,23 @@ def main(argv):
             plotting.panels(panels, out / f"strength_{f}.png", ylabel="accuracy",
                             title=f"{ds}: robustness along each training knob ({f})")
     budget_cols = sorted(budgets)
+    # the grid column appears once any model has a cached grid result (e.g. a --grid run on a subset of models)
+    show_grid = any("rotation_translation_grid" in r["evals"] for r in results.values())
     lines = [f"# Pixel-wise vs transformation robustness ({ds}, N={len(x)})", "",
              f"PGD-{FLAGS.pgd_steps} at eps " + ", ".join(f"{e * 255:g}/255" for e in budget_cols)
              + f" (step 2.5·eps/{FLAGS.pgd_steps}); worst-of-{FLAGS.k} random transformations per "
              f"image within {LIMITS} (accuracy = correct under all k; in brackets: mean accuracy over the k draws).",
              "", "| model | clean | " + " | ".join(f"PGD {e * 255:g}" for e in budget_cols) + " | "
-             + " | ".join(FLAGS.transform) + (" | rot+trans grid |" if FLAGS.grid else " |"),
-             "|---" * (2 + len(budget_cols) + len(FLAGS.transform) + bool(FLAGS.grid)) + "|"]
+             + " | ".join(FLAGS.transform) + (" | rot+trans grid |" if show_grid else " |"),
+             "|---" * (2 + len(budget_cols) + len(FLAGS.transform) + show_grid) + "|"]
     for n, r in results.items():
         e = r["evals"]
         cells = [f"{100 * e[pgd_key(FLAGS.pgd_steps, b)]['accuracy']:.1f}" for b in budget_cols]
         cells += [f"{100 * worst(e, f)['accuracy']:.1f} ({100 * worst(e, f)['mean_accuracy']:.1f})"
                   for f in FLAGS.transform]
-        if FLAGS.grid:
-            cells.append(f"{100 * e['rotation_translation_grid']['accuracy']:.1f}")
+        if show_grid:
+            g = e.get("rotation_translation_grid")
+            cells.append(f"{100 * g['accuracy']:.1f}" if g else "–")
         lines.append(f"| {n} | {100 * e['clean']:.1f} | " + " | ".join(cells) + " |")
     for label, (strengths, names) in curves.items():
         lines += ["", f"Along {label} ({', '.join(f'{n} {s:g}' for n, s in zip(names, strengths))}):"]

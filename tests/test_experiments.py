@@ -105,11 +105,17 @@ def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
         assert (tmp_path / name).stat().st_size > 0
     # a rerun with one more family only computes that family (the cached entries are reused unchanged)
     cached = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
-    _run("experiments.tradeoff", *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur"
-                                   for a in args])
+    # (and --grid adds Engstrom's exhaustive grid, which contains the identity: never above clean accuracy)
+    _run("experiments.tradeoff", "--grid", *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur"
+                                             for a in args])
     again = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
     assert again["rotation_worst_of_2"] == cached["rotation_worst_of_2"] and "blur_worst_of_2" in again
     assert again["pgd2_eps0.00784"] == cached["pgd2_eps0.00784"]
+    assert again["rotation_translation_grid"]["shape"] == [31, 5, 5]
+    assert again["rotation_translation_grid"]["accuracy"] <= again["clean"]
+    # a later run without --grid keeps the cached grid column in the table
+    _run("experiments.tradeoff", *args)
+    assert "rot+trans grid" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -131,3 +137,16 @@ def test_calibration_end_to_end(tmp_path, need_checkpoint, real_data):
          "--num_examples=20", "--num_val=40", "--batch_size=20", f"--out_dir={tmp_path}")
     again = json.loads((tmp_path / "results.json").read_text())["results"]["standard"]
     assert list(again) == ["rotation", "blur"] and again["rotation"] == row["rotation"]
+
+
+def test_calibration_verdicts_count_per_perturbation():
+    from experiments.calibration import verdicts
+
+    row = lambda clean, blur: {"clean": {"ece": clean, "ece_temperature_scaled": clean},  # noqa: E731
+                               "blur": {"ece": blur, "ece_temperature_scaled": 2 * blur}}
+    results = {"standard": row(0.08, 0.10), "fgsm_eps2": row(0.03, 0.06), "pgd": row(0.14, 0.04)}
+    lines = verdicts(results, ["clean", "blur"])
+    # pairs whose models are missing (pgd_rot, rot, fgsm_eps4) are skipped
+    assert len(lines) == 4 and not any("pgd_rot" in x or "fgsm_eps4" in x for x in lines)
+    assert lines[0].endswith("ece: pgd < standard on 1/2 perturbations (blur)")
+    assert lines[2].endswith("ece: fgsm_eps2 < standard on 2/2 perturbations (clean, blur)")
