@@ -2,16 +2,19 @@
 
     python -m benchmarks.attacks [--checkpoints=mnist_basic_cnn,cifar10_resnet10] [--random_init=resnet10_64]
                                  [--batch_sizes=256] [--attacks=fgsm,pgd,cw_l2,jsma] [--pgd_steps=10]
-                                 [--loops=unroll,fori,scan,python] [--conv_impls=custom_vjp,xla]
+                                 [--loops=unroll,fori,scan,python]
+                                 [--conv_impls=custom_vjp,xla,onednn,onednn_bf16]
 
 PGD (``--pgd_steps``, default 10: PGD-10) is timed in each loop form: unrolled inside one jit, a rolled
 ``lax.fori_loop``, ``lax.scan``, and a Python loop over a jitted step (JSMA in the first three); and with each
 ``conv_impl`` of the models (``custom_vjp``: ``robust_jax.conv``, whose backward convolutions stay fast inside
-XLA:CPU while-loops; ``xla``: ``lax.conv_general_dilated``). Per model and batch size every variant is compiled
-first (``compile_s``: lower + compile from cleared JAX caches, without running, median of ``--compile_repeats``
-interleaved rounds; ``first_run_s``: the first call after that), then the variants are timed interleaved, one call
-each per round, so they share the machine's load; ``seconds_per_batch`` is the median over ``--repeats`` rounds.
-``--random_init`` adds models with random weights on CIFAR-10 images (``resnet10_16``, ``resnet10_64``).
+XLA:CPU while-loops; ``xla``: ``lax.conv_general_dilated``; ``onednn`` / ``onednn_bf16``: opt-in oneDNN kernels,
+``robust_jax.onednn``, whose version, ISA and threads are recorded under ``environment.onednn``). Per model and batch
+size every variant is compiled first (``compile_s``: lower + compile from cleared JAX caches, without running, median
+of ``--compile_repeats`` interleaved rounds; ``first_run_s``: the first call after that), then the variants are timed
+interleaved, one call each per round, so they share the machine's load; ``seconds_per_batch`` is the median over
+``--repeats`` rounds. ``--random_init`` adds models with random weights on CIFAR-10 images (``resnet10_16``,
+``resnet10_64``).
 ``gflop_per_s`` uses XLA's cost analysis, which counts a while-loop body once: it is left out for rolled loops
 (CW-L2), and rolled PGD / JSMA forms use the unrolled form's count.
 """
@@ -29,7 +32,7 @@ flags.DEFINE_list("random_init", [], "models with random weights: resnet10_16, r
 flags.DEFINE_list("attacks", ["fgsm", "pgd", "cw_l2", "jsma"], "attacks")
 flags.DEFINE_integer("pgd_steps", 10, "PGD iterations")
 flags.DEFINE_list("loops", ["unroll", "fori", "scan", "python"], "PGD-10 loop forms")
-flags.DEFINE_list("conv_impls", ["custom_vjp", "xla"], "models' conv_impl")
+flags.DEFINE_list("conv_impls", ["custom_vjp", "xla"], "models' conv_impl: custom_vjp | xla | onednn | onednn_bf16")
 flags.DEFINE_list("batch_sizes", ["256"], "batch sizes")
 flags.DEFINE_integer("cw_steps", 100, "CW-L2 iterations (one binary-search step)")
 flags.DEFINE_integer("repeats", 3, "timed rounds (each variant once per round)")
@@ -103,11 +106,12 @@ def main(argv):
     import numpy as np
 
     import robust_jax  # noqa: F401 - applies the default XLA flags before JAX initialises
-    from benchmarks.common import compile_timed, compiled_flops, environment, interleaved
+    from benchmarks.common import compile_timed, compiled_flops, environment, interleaved, onednn_environment
     from robust_jax import data, sharding
     from robust_jax.attacks import gradient
 
-    out = {"benchmark": "attacks", "environment": environment(), "repeats": FLAGS.repeats, "results": []}
+    out = {"benchmark": "attacks", "environment": {**environment(), **onednn_environment(FLAGS.conv_impls)},
+           "repeats": FLAGS.repeats, "results": []}
     key = jax.random.PRNGKey(0)
     log = lambda d: print(json.dumps(d), flush=True)
     for name, model, variables, ds in _models():
@@ -139,7 +143,8 @@ def main(argv):
                     fl = None
                 else:
                     run = lambda c=compiled[vname]: jax.block_until_ready(c(v, x, y, key))
-                    fl = compiled_flops(compiled[vname])
+                    # XLA's cost analysis does not see into the oneDNN custom calls: no FLOP count for them
+                    fl = None if impl.startswith("onednn") else compiled_flops(compiled[vname])
                 t0 = time.perf_counter()
                 run()
                 first = time.perf_counter() - t0

@@ -34,6 +34,22 @@ def environment() -> dict:
             "load_average": os.getloadavg()}
 
 
+def onednn_environment(conv_impls) -> dict:
+    """oneDNN version / ISA / threads when a oneDNN ``conv_impl`` is benchmarked (so numbers say which kernels made
+    them), or why it is unavailable (then those variants run the fallback convolution); {} otherwise."""
+    from robust_jax import conv
+
+    unknown = [i for i in conv_impls if i not in conv.IMPLS]
+    if unknown:
+        raise ValueError(f"unknown conv_impls {unknown}; use {conv.IMPLS}")
+    if not any(i.startswith("onednn") for i in conv_impls):
+        return {}
+    from robust_jax import onednn
+
+    reason = onednn.unavailable_reason()
+    return {"onednn": onednn.info() if reason is None else {"unavailable": reason}}
+
+
 def timeit(fn, *, repeats: int = 5, warmup: int = 1) -> dict:
     """Compile (first call) and steady-state timings of ``fn()`` (which must block until ready)."""
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Training-step and MC-dropout throughput per model and convolution implementation; prints JSON.
 
     python -m benchmarks.train_step [--models=basic_cnn,allconv,resnet10_16,resnet10_64] [--batch_size=128]
-                                    [--conv_impls=custom_vjp,xla]
+                                    [--conv_impls=custom_vjp,xla,onednn,onednn_bf16]
 
 Per model, the train step of every ``conv_impl`` is compiled first (``train_compile_s``: lower + compile), then the
 steps are timed interleaved (one call each per round, ``--repeats`` rounds, medians) so they share the machine's
@@ -16,7 +16,7 @@ import json
 from absl import app, flags
 
 flags.DEFINE_list("models", ["basic_cnn", "allconv", "resnet10_16", "resnet10_64"], "models")
-flags.DEFINE_list("conv_impls", ["custom_vjp", "xla"], "models' conv_impl")
+flags.DEFINE_list("conv_impls", ["custom_vjp", "xla"], "models' conv_impl: custom_vjp | xla | onednn | onednn_bf16")
 flags.DEFINE_integer("batch_size", 128, "batch size")
 flags.DEFINE_integer("mc_samples", 20, "MC-dropout samples")
 flags.DEFINE_integer("repeats", 5, "timed rounds (each variant once per round)")
@@ -36,10 +36,11 @@ def main(argv):
     import numpy as np
 
     import robust_jax  # noqa: F401 - applies the default XLA flags before JAX initialises
-    from benchmarks.common import compile_timed, compiled_flops, environment, interleaved, timeit
+    from benchmarks.common import compile_timed, compiled_flops, environment, interleaved, onednn_environment, timeit
     from robust_jax import models, sharding, training, uncertainty
 
-    out = {"benchmark": "train_step", "environment": environment(), "batch_size": FLAGS.batch_size,
+    out = {"benchmark": "train_step", "environment": {**environment(), **onednn_environment(FLAGS.conv_impls)},
+           "batch_size": FLAGS.batch_size,
            "repeats": FLAGS.repeats, "results": []}
     bs = FLAGS.batch_size
     log = lambda d: print(json.dumps(d), flush=True)
@@ -57,7 +58,9 @@ def main(argv):
                                             donate=False)
             compiled, compile_s = compile_timed(step, state, x, y)
             runs[impl] = lambda c=compiled: jax.block_until_ready(c(state, x, y))
-            meta[impl] = {"train_compile_s": compile_s, "flops": compiled_flops(compiled)}
+            # XLA's cost analysis does not see into the oneDNN custom calls: no FLOP count for them
+            flops = None if impl.startswith("onednn") else compiled_flops(compiled)
+            meta[impl] = {"train_compile_s": compile_s, "flops": flops}
             log({"compiled": f"{name}/{impl}", **meta[impl]})
         timings = interleaved(runs, repeats=FLAGS.repeats, warmup=1, log=log)
         m = models.create({**arch, "conv_impl": FLAGS.conv_impls[0]})

@@ -41,6 +41,9 @@ flags.DEFINE_integer("checkpoint_every_steps", 500, "checkpoint period in steps 
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumes if it has a checkpoint")
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR, then TFDS default)")
 flags.DEFINE_string("export", None, "after training, export the model to checkpoints/<NAME> with a card")
+flags.DEFINE_string("conv_impl", "custom_vjp", "convolution kernels for training: custom_vjp | xla | onednn | "
+                    "onednn_bf16 (opt-in oneDNN on CPU, robust_jax.onednn); recorded in the card's hyperparameters, "
+                    "evaluation uses the default")
 flags.DEFINE_integer("max_train_examples", None, "use only the first N training examples (quick runs)")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
@@ -76,7 +79,7 @@ def main(argv):
         adv_steps=FLAGS.adv_steps, adv_step_size=FLAGS.adv_step_size,
         loss="hetero" if FLAGS.hetero else "ce", hetero_samples=FLAGS.hetero_samples,
         seed=FLAGS.seed, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        max_train_examples=FLAGS.max_train_examples,
+        max_train_examples=FLAGS.max_train_examples, conv_impl=FLAGS.conv_impl,
     )
     result = training.train(config, FLAGS.workdir, data_dir=FLAGS.data_dir)
     state = result["state"]

@@ -62,14 +62,17 @@ def _abstract_variables(model, image_shape):
     return shapes
 
 
-def load(name: str) -> Classifier:
+def load(name: str, *, conv_impl: str | None = None) -> Classifier:
+    """Load checkpoint `name`. The model uses the default ``conv_impl`` (or `conv_impl` if given), whatever kernels
+    it was trained with (``hyperparameters.conv_impl`` in the card), so loading never needs e.g. oneDNN."""
     import orbax.checkpoint as ocp
 
     path = root() / name
     if not (path / "card.json").is_file():
         raise FileNotFoundError(f"no checkpoint {name!r} in {root()}; available: {available()}")
     card = json.loads((path / "card.json").read_text())
-    model = models.create(card["architecture"])
+    arch = {k: v for k, v in card["architecture"].items() if k != "conv_impl"}
+    model = models.create({**arch, "conv_impl": conv_impl} if conv_impl is not None else arch)
     abstract = _abstract_variables(model, data_lib.info(card["dataset"]).image_shape)
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore((path / "variables").absolute(), abstract)

@@ -14,8 +14,10 @@ work in pixel space. Call signature::
   ``robust_jax.conv.conv_general_dilated``: the same forward convolution, with a backward pass made of ordinary
   channels-last convolutions, which XLA:CPU runs fast inside rolled loops (``lax.fori_loop`` / ``lax.scan``);
   ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
-  ``jax.jvp`` / ``jax.jacfwd``). Parameters, their names and the outputs are the same for both. A callable with
-  the signature of ``lax.conv_general_dilated`` is used as given (benchmarks of other convolution kernels).
+  ``jax.jvp`` / ``jax.jacfwd``). ``"onednn"`` / ``"onednn_bf16"`` are opt-in oneDNN kernels on CPU (f32 /
+  bf16 compute, f32 in and out; ``robust_jax.onednn``; they fall back to ``"custom_vjp"`` with a warning where
+  oneDNN cannot run). Parameters, their names and the outputs (up to bf16 rounding) are the same for all. A
+  callable with the signature of ``lax.conv_general_dilated`` is used as given (benchmarks of other kernels).
 """
 
 from __future__ import annotations

@@ -255,6 +255,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_train_examples: int | None = None  # for tests and quick runs
     max_eval_examples: int | None = None
+    # convolution kernels for training (robust_jax.conv.IMPLS): a hyper-parameter, not part of the architecture, so
+    # checkpoints trained with an opt-in kernel (e.g. "onednn_bf16") load with the default everywhere
+    conv_impl: str = "custom_vjp"
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -322,7 +325,7 @@ def train(
     if config.max_eval_examples:
         x_val, y_val = x_val[: config.max_eval_examples], y_val[: config.max_eval_examples]
 
-    model = models.create(config.architecture)
+    model = models.create({**config.architecture, "conv_impl": config.conv_impl})
     steps_per_epoch = data_lib.num_batches(len(x_train), config.batch_size, drop_remainder=True)
     total_steps = steps_per_epoch * config.epochs
     tx = make_optimizer(config.optimizer, config.lr, total_steps=total_steps, schedule=config.schedule,

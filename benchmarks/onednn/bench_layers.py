@@ -13,9 +13,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import onednn_conv as oc
 from jax import lax
 from shapes import flops, resnet10_cifar_shapes
+
+from robust_jax import onednn as oc
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -7,11 +7,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import onednn_conv as oc  # noqa: E402
 from bench_model import fwd_input_grad  # noqa: E402
 from jax import lax  # noqa: E402
 
 from robust_jax import models  # noqa: E402
+from robust_jax import onednn as oc  # noqa: E402
 
 
 def xla_bf16(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -25,7 +25,8 @@ rng = np.random.default_rng(0)
 x = jnp.asarray(rng.integers(0, 256, (32, 32, 32, 3)), jnp.float32) / 255
 y = jnp.asarray(rng.integers(0, 10, 32))
 grads = {}
-convs = [("xla_f32", "xla"), ("xla_bf16_operands", xla_bf16), ("onednn_bf16", oc.make_conv_general_dilated())]
+convs = [("xla_f32", "xla"), ("xla_bf16_operands", xla_bf16),
+         ("onednn_bf16", oc.make_conv_general_dilated(jnp.bfloat16))]
 for name, conv in convs:
     m = models.ResNet10(width=64, conv_impl=conv)
     v = m.init(jax.random.PRNGKey(0), x[:1])

@@ -6,8 +6,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
-import onednn_conv as oc  # noqa: E402
 from shapes import resnet10_cifar_shapes  # noqa: E402
+
+from robust_jax import onednn as oc  # noqa: E402
 
 print(oc.info())
 for name, x, w, s, p in resnet10_cifar_shapes():

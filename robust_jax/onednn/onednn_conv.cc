@@ -12,6 +12,12 @@
 // Weights: oneDNN picks its preferred (blocked) weights layout ("any"); HWIO weights are reordered into it per
 // call (and diff-weights reordered back), unless ONEDNN_FFI_PLAIN_WEIGHTS=1 asks for HWIO directly.
 // Scratchpads are user-managed and thread-local, so concurrent calls from XLA's threads are safe.
+//
+// OpenMP threads: oneDNN (GNU OpenMP build) starts an OpenMP team on whichever XLA thread calls it, sized by that
+// thread's omp_get_max_threads(). onednn_conv_set_threads(n) (called from Python with $ROBUST_JAX_ONEDNN_THREADS,
+// default 1) makes every handler call omp_set_num_threads(n) on its own calling thread before creating or running
+// a primitive; n = 0 keeps the OpenMP default (OMP_NUM_THREADS or all cores). The thread count is part of the
+// primitive cache key, since oneDNN sizes its work split when a primitive is created.
 
 #include <atomic>
 #include <cstdint>
@@ -23,6 +29,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -73,18 +81,28 @@ std::atomic<bool> serialize{[] {
 }()};
 std::mutex exec_mu;
 
+std::atomic<int> num_threads{0};  // 0: leave OpenMP's default
+
+// Applies the requested thread count to the calling thread (OpenMP ICVs are per thread); returns the count used.
+int ApplyThreads() {
+  const int t = num_threads.load(std::memory_order_relaxed);
+  if (t > 0 && omp_get_max_threads() != t) omp_set_num_threads(t);
+  return omp_get_max_threads();
+}
+
 struct ConvParams {
   int kind;  // 0 fwd, 1 bwd data, 2 bwd weights
   int64_t n, c, h, w, o, oh, ow, kh, kw;
   int64_t sh, sw, pt, pb, pl, pr;
   memory::data_type in_dt, out_dt;
   bool plain;
+  int nthr;
 
   std::string Key() const {
     std::ostringstream k;
     k << kind << ':' << n << ',' << c << ',' << h << ',' << w << ',' << o << ',' << oh << ',' << ow << ',' << kh
       << ',' << kw << ':' << sh << ',' << sw << ':' << pt << ',' << pb << ',' << pl << ',' << pr << ':'
-      << int(in_dt) << ',' << int(out_dt) << ':' << plain;
+      << int(in_dt) << ',' << int(out_dt) << ':' << plain << ':' << nthr;
     return k.str();
   }
 };
@@ -198,7 +216,7 @@ ffi::Error Run(int kind, ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimension
   if (in_dt.has_error()) return in_dt.error();
   if (out_dt.has_error()) return out_dt.error();
   ConvParams p{kind, x[0], x[3], x[1], x[2], w[3], y[1], y[2], w[0], w[1], sh, sw, pt, pb, pl, pr,
-               *in_dt, *out_dt, PlainWeights()};
+               *in_dt, *out_dt, PlainWeights(), ApplyThreads()};
   if (w[2] != x[3] || y[3] != w[3] || y[0] != x[0])
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
   try {
@@ -283,6 +301,12 @@ int onednn_conv_version(int* major, int* minor, int* patch) {
 
 void onednn_conv_set_serialize(int on) { serialize.store(on != 0); }
 
+void onednn_conv_set_threads(int n) { num_threads.store(n > 0 ? n : 0); }
+
+// The configured count (0: OpenMP default) and what the calling thread would use now.
+int onednn_conv_get_threads() { return num_threads.load(); }
+int onednn_conv_max_threads() { return ApplyThreads(); }
+
 int onednn_conv_isa() { return int(dnnl::get_effective_cpu_isa()); }
 
 // Writes the implementation name for a cached/new primitive into buf. Dims as in the handlers (NHWC, HWIO).
@@ -292,7 +316,7 @@ int onednn_conv_impl(int kind, const int64_t* x, const int64_t* y, const int64_t
     const auto in = in_bf16 ? memory::data_type::bf16 : memory::data_type::f32;
     const auto out = out_bf16 ? memory::data_type::bf16 : memory::data_type::f32;
     ConvParams p{kind, x[0], x[3], x[1], x[2], w[3], y[1], y[2], w[0], w[1],
-                 attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5], in, out, PlainWeights()};
+                 attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5], in, out, PlainWeights(), ApplyThreads()};
     auto c = Get(p);
     std::string s = c->impl + (c->reorder_wei ? " +wei_reorder" : "");
     std::strncpy(buf, s.c_str(), buflen - 1);

@@ -1,0 +1,311 @@
+"""Opt-in oneDNN convolutions (robust_jax.onednn): values and both gradients vs lax, bf16 error bounds, Flax models,
+fallbacks, jit/vmap, the thread setting, and checkpoints trained with a oneDNN conv_impl loading without it.
+
+Tests that run oneDNN skip when ``onednn.available()`` is false (no g++ / oneDNN, or not a CPU backend); the first
+one builds the FFI library (~5 s of g++, cached in $ROBUST_JAX_CACHE).
+"""
+
+import functools
+import json
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from robust_jax import checkpoints, conv, models, onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+DN = ("NHWC", "HWIO", "NHWC")
+
+SHAPES = [  # (x NHWC, w HWIO, strides, padding): every kind of conv in robust_jax.models, plus odd cases
+    ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 8, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
+    ((2, 8, 8, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
+    ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
+    ((2, 15, 17, 8), (3, 3, 8, 12), (2, 1), ((0, 2), (1, 0))),  # asymmetric padding, odd sizes, stride drops rows
+    ((2, 9, 9, 8), (3, 3, 8, 8), (2, 2), "SAME"),
+    ((2, 9, 9, 8), (3, 3, 8, 8), (1, 1), "VALID"),
+]
+BIG_SHAPES = [  # ResNet-10/64 CIFAR layers
+    ((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
+    ((8, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1))),
+    ((8, 16, 16, 128), (1, 1, 128, 256), (2, 2), ((0, 0), (0, 0))),
+    ((8, 32, 32, 3), (3, 3, 3, 64), (1, 1), ((1, 1), (1, 1))),
+    ((8, 4, 4, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1))),
+]
+
+
+def _data(xs, ws, s, p):  # numpy RNG: jax.random would compile once per shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(xs, np.float32)
+    w = (rng.standard_normal(ws) / np.sqrt(np.prod(ws[:3]))).astype(np.float32)
+    g = rng.standard_normal(onednn._out_shape(xs, ws, s, onednn._pads(xs, ws, s, p)), np.float32)
+    return jnp.asarray(x), jnp.asarray(w), jnp.asarray(g)
+
+
+def _value_and_grads(f, x, w, g):
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(g))
+
+
+def _lax(s, p):
+    return lambda x, w: lax.conv_general_dilated(x, w, s, p, dimension_numbers=DN, precision=lax.Precision.HIGHEST)
+
+
+def _rel_l2(a, b):  # in numpy: eager jnp ops would compile once per shape
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel()))
+
+
+def _amax(a):
+    return float(np.max(np.abs(np.asarray(a))))
+
+
+def _bf16_round(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _references(x, w, g, s, p):
+    """lax in f32 on the exact operands, and on the operands rounded to bf16 (what oneDNN bf16 multiplies)."""
+    exact = _value_and_grads(_lax(s, p), x, w, g)
+    rounded = _value_and_grads(_lax(s, p), _bf16_round(x), _bf16_round(w), _bf16_round(g))
+    return exact, rounded
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _onednn(x, w, g, s, p, cdt):
+    return _value_and_grads(lambda a, b: onednn.conv(a, b, s, p, cdt), x, w, g)
+
+
+def _check(xs, ws, s, p, bf16: bool):
+    """f32: equal to lax up to summation order (a few ulp of the largest term).
+
+    bf16: oneDNN rounds x, w (forward, backward-data) and dy (both backward passes) to bf16 and multiplies them
+    exactly with f32 accumulation. (a) Against lax in f32 on the bf16-rounded operands the only difference is the
+    summation order, so the tolerance is f32-tight: a wrong kernel, a missed cast or bf16 accumulation fails it.
+    (b) Against exact f32 lax the relative L2 error comes from rounding two operands with unit roundoff 2^-9
+    (RMS relative error ~2^-9/sqrt(3) each), ~1.6e-3 expected for these random operands; bound 8e-3, and at least
+    1e-4 so that a silently-f32 run fails too."""
+    x, w, g = _data(xs, ws, s, p)
+    exact, rounded = jax.device_get(_references(x, w, g, s, p))
+    new = jax.device_get(_onednn(x, w, g, s, p, jnp.dtype(jnp.float32)))
+    for name, a, b in zip(("y", "dx", "dw"), new, exact):
+        assert a.shape == b.shape and a.dtype == jnp.float32, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * _amax(b), err_msg=name)
+    if not bf16:
+        return
+    new = jax.device_get(_onednn(x, w, g, s, p, jnp.dtype(jnp.bfloat16)))
+    for name, a, r, e in zip(("y", "dx", "dw"), new, rounded, exact):
+        assert a.shape == e.shape and a.dtype == jnp.float32, name
+        assert _rel_l2(a, r) < 1e-5, (name, _rel_l2(a, r))
+        assert 1e-4 < _rel_l2(a, e) < 8e-3, (name, _rel_l2(a, e))
+
+
+@needs_onednn
+@pytest.mark.parametrize("xs,ws,s,p", SHAPES)
+def test_values_and_gradients_match_lax(xs, ws, s, p):
+    _check(xs, ws, s, p, bf16=onednn.native_bf16())
+
+
+@pytest.mark.slow
+@needs_onednn
+@pytest.mark.parametrize("xs,ws,s,p", BIG_SHAPES)
+def test_resnet10_64_layers(xs, ws, s, p):
+    _check(xs, ws, s, p, bf16=onednn.native_bf16())
+
+
+@needs_onednn
+def test_vmap_and_jit():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8, 8, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 8, 4)) * 0.1
+    cg = conv.resolve("onednn")
+    f = lambda x, w: cg(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    r = _lax((1, 1), "SAME")
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, w), jax.jit(jax.vmap(r))(x, w), rtol=1e-5, atol=1e-5)
+    ga = jax.jit(jax.vmap(jax.grad(lambda x, w: f(x, w).sum(), (0, 1))))(x, w)
+    gb = jax.jit(jax.vmap(jax.grad(lambda x, w: r(x, w).sum(), (0, 1))))(x, w)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def _model_check(ref, impl, shape):
+    """Outputs and parameter / input gradients in train mode (BatchNorm batch statistics, dropout off)."""
+    if impl == "onednn_bf16" and not onednn.native_bf16():
+        pytest.skip("no native bf16")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((4, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 4))
+    m = ref.clone(conv_impl=impl)
+    v = ref.init(jax.random.PRNGKey(0), x)
+
+    def loss(model, params, x):
+        out, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.PRNGKey(1)})
+        return _ce(out, y), out
+
+    outs = {}
+    for name, model in (("ref", ref), ("new", m)):
+        f = jax.jit(jax.value_and_grad(lambda p, x, model=model: loss(model, p, x), (0, 1), has_aux=True))
+        (_, out), grads = f(v["params"], x)
+        outs[name] = jax.device_get((out, grads[0], grads[1]))
+        if name == "new":
+            assert "onednn_conv_fwd" in f.lower(v["params"], x).as_text()
+    (o0, gp0, gx0), (o1, gp1, gx1) = outs["ref"], outs["new"]
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(gp1))  # f32 master weights and gradients
+    if impl == "onednn":
+        np.testing.assert_allclose(o1, o0, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(gx1, gx0, rtol=1e-3, atol=1e-5 * _amax(gx0))
+        for a, b in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * _amax(b))
+    else:  # bf16 rounding per conv layer (~2e-3 relative each, see _check), BatchNorm etc. in f32
+        flat = lambda t: np.concatenate([a.ravel() for a in jax.tree.leaves(t)])  # noqa: E731
+        assert 1e-4 < _rel_l2(o1, o0) < 0.03
+        assert _rel_l2(gx1, gx0) < 0.1
+        assert _rel_l2(flat(gp1), flat(gp0)) < 0.05
+
+
+@needs_onednn
+@pytest.mark.parametrize("impl", ["onednn", "onednn_bf16"])
+def test_model_matches_custom_vjp(impl):
+    _model_check(models.BasicCNN(), impl, (28, 28, 1))
+
+
+@pytest.mark.slow
+@needs_onednn
+@pytest.mark.parametrize("impl", ["onednn", "onednn_bf16"])
+def test_resnet10_matches_custom_vjp(impl):
+    _model_check(models.ResNet10(width=8), impl, (16, 16, 3))
+
+
+def _ce(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("kw", [{"kernel_dilation": (2, 2)}, {"feature_group_count": 2}, {"padding": "CIRCULAR"}])
+def test_unsupported_config_falls_back_to_lax(kw):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    a = nn.Conv(4, (3, 3), **kw)
+    b = nn.Conv(4, (3, 3), conv_general_dilated=conv.resolve("onednn"), **kw)
+    v = a.init(jax.random.PRNGKey(1), x)
+    onednn._WARNED.clear()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = jax.jit(b.apply)(v, x)
+    np.testing.assert_allclose(out, a.apply(v, x), rtol=1e-5, atol=1e-5)
+    if "padding" not in kw:  # CIRCULAR is padded by Flax, then an ordinary VALID conv that oneDNN runs
+        assert any("unsupported convolution" in str(r.message) for r in rec)
+        assert "onednn_conv" not in jax.jit(b.apply).lower(v, x).as_text()
+
+
+def test_forced_unavailable_falls_back(monkeypatch):
+    """ROBUST_JAX_ONEDNN=0 (as on a machine without oneDNN or g++): the model warns once and equals custom_vjp."""
+    monkeypatch.setenv("ROBUST_JAX_ONEDNN", "0")
+    assert not onednn.available() and "ROBUST_JAX_ONEDNN" in onednn.unavailable_reason()
+    x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1)), jnp.float32)
+    ref = models.BasicCNN()
+    v = ref.init(jax.random.PRNGKey(0), x)
+    onednn._WARNED.clear()
+    for impl in ("onednn", "onednn_bf16"):
+        m = ref.clone(conv_impl=impl)
+        with pytest.warns(RuntimeWarning, match="oneDNN unavailable"):
+            out = jax.jit(m.apply)(v, x)
+        assert "onednn_conv" not in jax.jit(m.apply).lower(v, x).as_text()
+        np.testing.assert_allclose(out, jax.jit(ref.apply)(v, x), rtol=1e-6, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second trace is silent
+        jax.jit(lambda v, x: m.apply(v, x) + 1)(v, x)
+
+
+@needs_onednn
+def test_bf16_without_native_support_runs_f32(monkeypatch):
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
+    x, w, _ = _data(*SHAPES[1])
+    onednn._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        a = jax.jit(lambda x, w: conv.resolve("onednn_bf16")(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN))(
+            x, w)
+    np.testing.assert_array_equal(a, onednn.conv(x, w, (2, 2), ((1, 1), (1, 1))))
+
+
+def test_non_float32_operands_fall_back():
+    x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+    w = jnp.ones((3, 3, 2, 2), jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = conv.resolve("onednn")(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
+
+
+def test_impls_and_resolve():
+    assert set(conv.IMPLS) == {"custom_vjp", "xla", "onednn", "onednn_bf16"}
+    assert conv.resolve("onednn") is onednn.make_conv_general_dilated(jnp.float32)
+    assert conv.resolve("onednn_bf16") is onednn.make_conv_general_dilated(jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        onednn.make_conv_general_dilated(jnp.float16)
+
+
+def test_thread_setting(monkeypatch):
+    monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "3")
+    assert onednn._env_threads() == 3
+    monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "")
+    assert onednn._env_threads() == onednn.DEFAULT_THREADS == 1
+    monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "many")
+    with pytest.warns(RuntimeWarning, match="ROBUST_JAX_ONEDNN_THREADS"):
+        assert onednn._env_threads() == 1
+    if not onednn.available():
+        return
+    before = onednn.threads()
+    try:
+        for n in (2, 1):
+            onednn.set_threads(n)
+            assert onednn.threads() == n == onednn.info()["threads"]
+            assert onednn._lib().onednn_conv_max_threads() == n  # applied to the calling thread's OpenMP ICV
+    finally:
+        onednn.set_threads(before)
+    with pytest.raises(ValueError):
+        onednn.set_threads(-1)
+
+
+@needs_onednn
+def test_info():
+    i = onednn.info()
+    assert i["version"].startswith("3.") and i["cpu_runtime"] == "omp" and i["isa"]
+    assert onednn.native_bf16() == i["native_bf16"]
+    assert "onednn_conv" in i["library"]
+
+
+def test_checkpoint_trained_with_onednn_loads_with_default(tmp_path, monkeypatch):
+    """conv_impl is a training hyper-parameter: a card recording it (even inside the architecture, as a hand-written
+    card might) loads with the default conv_impl, so evaluation never needs oneDNN; conv_impl= overrides."""
+    import orbax.checkpoint as ocp
+
+    from robust_jax import training
+
+    monkeypatch.setenv("ROBUST_JAX_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setenv("ROBUST_JAX_ONEDNN", "0")
+    cfg = training.TrainConfig(dataset="mnist", architecture={"name": "BasicCNN"}, conv_impl="onednn_bf16")
+    assert cfg.to_json()["conv_impl"] == "onednn_bf16"
+    model = models.create(cfg.architecture)
+    variables = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                           jnp.zeros((1, 28, 28, 1)))
+    path = tmp_path / "tiny"
+    path.mkdir()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((path / "variables").absolute(), jax.tree.map(np.asarray, variables))
+    card = {"name": "tiny", "architecture": {**cfg.architecture, "conv_impl": "onednn_bf16"}, "dataset": "mnist",
+            "hyperparameters": {"conv_impl": "onednn_bf16"}}
+    (path / "card.json").write_text(json.dumps(card))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no oneDNN fallback warning: it is not used at all
+        m = checkpoints.load("tiny")
+        x = np.zeros((2, 28, 28, 1), np.float32)
+        np.testing.assert_allclose(m(x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
+    assert m.model.conv_impl == "custom_vjp" and m.card["hyperparameters"]["conv_impl"] == "onednn_bf16"
+    assert checkpoints.load("tiny", conv_impl="xla").model.conv_impl == "xla"
