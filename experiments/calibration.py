@@ -114,9 +114,12 @@ def verdicts(results: dict, perturbations) -> list[str]:
              ("pgd_rot", "standard", "combining both (PGD + rotations) still gives better calibration than standard"),
              ("pgd_rot", "rot", "adding PGD training to rotation training improves calibration"),
              ("rot", "standard", "rotation training gives better calibration than standard"),
-             # the eps series: is it pixel robustness as such, or its strength?
-             ("fgsm_eps2", "standard", "mild pixel-wise robustness (eps 2/255) gives better calibration than standard"),
-             ("fgsm_eps4", "standard", "pixel-wise robustness at eps 4/255 gives better calibration than standard")]
+             # the eps series against its own recipe without the adversary (standard differs in label smoothing and
+             # epochs): is it pixel robustness as such, and does its strength matter?
+             ("fgsm_eps2", "eps0", "adversarial training at eps 2/255 gives better calibration than the same recipe "
+                                   "without it"),
+             ("fgsm_eps4", "eps0", "... at eps 4/255"),
+             ("pgd", "eps0", "... at eps 8/255")]
     for a, b, claim in pairs:
         if a not in results or b not in results:
             continue

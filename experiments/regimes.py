@@ -1,9 +1,12 @@
 """The CIFAR-10 training regimes compared by experiments.tradeoff and experiments.calibration (configs as code).
 
 ``REGIMES``: name -> pretrained checkpoint. ``MAIN``: the four regimes of the deck (standard, PGD-trained,
-rotation-trained, both). ``SERIES``: the trade-off curves, each a training knob turned up from the standard model:
-adversarial-training eps (FGSM with random start, the ``pgd`` checkpoint's recipe) and the maximum training rotation
-(the ``rot`` checkpoint's recipe). Every checkpoint's card holds the command that trains it.
+rotation-trained, both). ``SERIES``: the trade-off curves, each one training knob turned up from strength 0 with
+everything else in the recipe fixed (``KNOBS``: the hyper-parameters allowed to change along a series; tested against
+the checkpoints' cards). The adversarial-training eps series uses the ``pgd`` checkpoint's recipe (FGSM with random
+start, 24 epochs, no label smoothing), so its zero point is ``eps0`` (that recipe without the adversary), not
+``standard`` (30 epochs, label smoothing 0.1). The rotation series uses the ``rot`` recipe, which is the standard
+recipe plus rotations, so it starts at ``standard``. Every checkpoint's card holds the command that trains it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ REGIMES = {"cifar10": {
     "fgsm_eps4": "cifar10_resnet10_fgsm_eps4",
     "rot10": "cifar10_resnet10_rot10",
     "rot20": "cifar10_resnet10_rot20",
+    "eps0": "cifar10_resnet10_eps0",
 }}
 MAIN = ("standard", "pgd", "rot", "pgd_rot")
-# series label -> [(regime, strength)], strength increasing from the standard model
+# series label -> [(regime, strength)], strength increasing from 0
 SERIES = {"cifar10": {
-    "training eps (/255)": [("standard", 0.0), ("fgsm_eps2", 2.0), ("fgsm_eps4", 4.0), ("pgd", 8.0)],
+    "training eps (/255)": [("eps0", 0.0), ("fgsm_eps2", 2.0), ("fgsm_eps4", 4.0), ("pgd", 8.0)],
     "training rotation (±degrees)": [("standard", 0.0), ("rot10", 10.0), ("rot20", 20.0), ("rot", 30.0)],
 }}
+# series label -> the card hyper-parameters that may differ along it (everything else must match)
+KNOBS = {"training eps (/255)": ("adversary", "adv_eps"),
+         "training rotation (±degrees)": ("augment", "rotation_degrees")}
 
 
 def load_models(dataset: str, names=None) -> dict:

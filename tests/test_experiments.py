@@ -82,33 +82,33 @@ def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data)
 
 @pytest.mark.slow
 def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
-    need_checkpoint("cifar10_resnet10")
+    need_checkpoint("cifar10_resnet10_eps0")
     need_checkpoint("cifar10_resnet10_pgd")
     real_data("cifar10")
-    args = ["--models=standard,pgd", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
+    args = ["--models=eps0,pgd", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
             "--curve_eps=2", "--batch_size=12", f"--out_dir={tmp_path}"]
     _run("experiments.tradeoff", *args)
     r = json.loads((tmp_path / "results.json").read_text())
-    e = r["models"]["standard"]["evals"]
+    e = r["models"]["eps0"]["evals"]
     assert {"clean", "rotation_worst_of_2", "rotation_severities", "noise_worst_of_2", "noise_severities"} <= set(e)
     assert e["rotation_worst_of_2"]["accuracy"] <= e["rotation_worst_of_2"]["mean_accuracy"]
     # PGD at the main budget (8/255) and at the curve budget (2/255): the larger ball is at least as strong
     pgd8, pgd2 = e["pgd2_eps0.03137"], e["pgd2_eps0.00784"]
     assert pgd8["eps"] == pytest.approx(8 / 255) and pgd2["eps"] == pytest.approx(2 / 255)
     assert pgd8["accuracy"] <= pgd2["accuracy"] <= e["clean"]
-    # the training-eps series (standard -> pgd) is drawn from the two available points
-    assert r["series"]["training eps (/255)"] == {"strength": [0.0, 8.0], "models": ["standard", "pgd"]}
+    # the training-eps series (eps0 -> pgd) is drawn from the two available points
+    assert r["series"]["training eps (/255)"] == {"strength": [0.0, 8.0], "models": ["eps0", "pgd"]}
     # at severity 0 (rotation by 0°) the accuracy is the clean accuracy
     sev = e["rotation_severities"]
     assert sev["accuracy"][sev["values"].index(0.0)] == pytest.approx(e["clean"])
     for name in ("results.md", "tradeoff_rotation.png", "accuracy_vs_noise.png", "strength_rotation.png"):
         assert (tmp_path / name).stat().st_size > 0
     # a rerun with one more family only computes that family (the cached entries are reused unchanged)
-    cached = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
+    cached = json.loads((tmp_path / "evals" / "eps0.json").read_text())["evals"]
     # (and --grid adds Engstrom's exhaustive grid, which contains the identity: never above clean accuracy)
     _run("experiments.tradeoff", "--grid", *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur"
                                              for a in args])
-    again = json.loads((tmp_path / "evals" / "standard.json").read_text())["evals"]
+    again = json.loads((tmp_path / "evals" / "eps0.json").read_text())["evals"]
     assert again["rotation_worst_of_2"] == cached["rotation_worst_of_2"] and "blur_worst_of_2" in again
     assert again["pgd2_eps0.00784"] == cached["pgd2_eps0.00784"]
     assert again["rotation_translation_grid"]["shape"] == [31, 5, 5]
@@ -144,9 +144,11 @@ def test_calibration_verdicts_count_per_perturbation():
 
     row = lambda clean, blur: {"clean": {"ece": clean, "ece_temperature_scaled": clean},  # noqa: E731
                                "blur": {"ece": blur, "ece_temperature_scaled": 2 * blur}}
-    results = {"standard": row(0.08, 0.10), "fgsm_eps2": row(0.03, 0.06), "pgd": row(0.14, 0.04)}
+    results = {"standard": row(0.08, 0.10), "eps0": row(0.05, 0.09), "fgsm_eps2": row(0.03, 0.06),
+               "pgd": row(0.14, 0.04)}
     lines = verdicts(results, ["clean", "blur"])
     # pairs whose models are missing (pgd_rot, rot, fgsm_eps4) are skipped
-    assert len(lines) == 4 and not any("pgd_rot" in x or "fgsm_eps4" in x for x in lines)
+    assert len(lines) == 6 and not any("pgd_rot" in x or "fgsm_eps4" in x for x in lines)
     assert lines[0].endswith("ece: pgd < standard on 1/2 perturbations (blur)")
-    assert lines[2].endswith("ece: fgsm_eps2 < standard on 2/2 perturbations (clean, blur)")
+    assert lines[2].endswith("ece: fgsm_eps2 < eps0 on 2/2 perturbations (clean, blur)")
+    assert lines[5].endswith("ece_temperature_scaled: pgd < eps0 on 1/2 perturbations (blur)")
