@@ -255,10 +255,10 @@ def test_thread_setting(monkeypatch):
     monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "3")
     assert onednn._env_threads() == 3
     monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "")
-    assert onednn._env_threads() == onednn.DEFAULT_THREADS == 1
+    assert onednn._env_threads() == onednn.DEFAULT_THREADS == 0
     monkeypatch.setenv("ROBUST_JAX_ONEDNN_THREADS", "many")
     with pytest.warns(RuntimeWarning, match="ROBUST_JAX_ONEDNN_THREADS"):
-        assert onednn._env_threads() == 1
+        assert onednn._env_threads() == 0
     if not onednn.available():
         return
     before = onednn.threads()

@@ -4,7 +4,7 @@ python bench_model.py [--what fwdgrad,train] [--variants xla,dnnl_f32,dnnl_bf16]
 
 Uses robust_jax.models.ResNet10 and robust_jax.training's train step, with ``conv_impl`` set per variant: ``"xla"``
 (plain ``lax.conv_general_dilated``) or ``robust_jax.onednn.make_conv_general_dilated(dtype)``; the lowered HLO is
-checked for the oneDNN custom calls. oneDNN threads per call: ``$ROBUST_JAX_ONEDNN_THREADS`` (default 1; 0 = OpenMP's
+checked for the oneDNN custom calls. oneDNN threads per call: ``$ROBUST_JAX_ONEDNN_THREADS`` (default 0 = OpenMP's
 default, which is what the prototype's runs without OMP_NUM_THREADS used).
 XLA_FLAGS defaults to robust_jax's --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce.
 """

@@ -24,12 +24,14 @@ the default backend is not CPU, oneDNN or g++ is missing, the build fails, ``ROB
 convolution is not one it covers (anything but 2-D NHWC/HWIO f32, no dilation, no groups, padding smaller than the
 kernel, or a configuration oneDNN rejects).
 
-Threads (``$ROBUST_JAX_ONEDNN_THREADS``, default 1; :func:`set_threads`): each oneDNN call starts an OpenMP team on
-the XLA thread that calls it. XLA already runs its own thread pool on all cores, and on the 2-core Zen 5 host two
-OpenMP threads made bf16 backward-weights collapse (13 vs 233 GFLOP/s; train step 0.45x XLA instead of 2.2x) and
-the strided 1x1 convs stall, so the default is one thread per call. ``0`` means OpenMP's own default
-(``OMP_NUM_THREADS`` or all cores). The count is applied per calling thread on the C++ side (``omp_set_num_threads``
-before every primitive creation and execution), so it takes effect whenever it is set, even after libgomp is loaded.
+Threads (``$ROBUST_JAX_ONEDNN_THREADS``, default 0; :func:`set_threads`): each oneDNN call starts an OpenMP team on
+the XLA thread that calls it. ``0`` means OpenMP's own default (``OMP_NUM_THREADS`` or all cores). Measured on the
+2-core Zen 5 host, ResNet-10/64 train step (``benchmarks/results/train_step_zen5_onednn_quiet*.json``): on a quiet
+machine 2 threads are best (``onednn_bf16`` 230 img/s vs 150 with 1 thread; default ``custom_vjp`` 116-124), but
+with another job on the other core 2 threads oversubscribe and bf16 backward-weights collapses (13 vs 233 GFLOP/s;
+train step 26 vs 126 img/s), so set ``ROBUST_JAX_ONEDNN_THREADS=1`` (or fewer threads than free cores) when the
+machine is shared. The count is applied per calling thread on the C++ side (``omp_set_num_threads`` before every
+primitive creation and execution), so it takes effect whenever it is set, even after libgomp is loaded.
 
 Limitations: no forward-mode autodiff (a ``jax.custom_vjp``); ``jax.vmap`` runs the batch sequentially; only
 first-order gradients (the backward is an FFI call, not differentiable again); XLA has no partitioning rule for the
@@ -60,7 +62,7 @@ _CFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-Wno-return-typ
 _ISA = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x27: "avx512_core", 0x67: "avx512_core_vnni",
         0xE7: "avx512_core_bf16", 0x1E7: "avx512_core_fp16", 0xFEF: "avx512_core_amx", 0x1FEF: "avx512_core_amx_fp16"}
 _NATIVE_BF16_ISAS = ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx", "avx512_core_amx_fp16")
-DEFAULT_THREADS = 1
+DEFAULT_THREADS = 0  # OpenMP's default: all cores (see the module docstring for a shared machine)
 
 
 # ------------------------------------------------------------------------------------------------------ build
