@@ -15,7 +15,7 @@
 //
 // OpenMP threads: oneDNN (GNU OpenMP build) starts an OpenMP team on whichever XLA thread calls it, sized by that
 // thread's omp_get_max_threads(). onednn_conv_set_threads(n) (called from Python with $ROBUST_JAX_ONEDNN_THREADS,
-// default 1) makes every handler call omp_set_num_threads(n) on its own calling thread before creating or running
+// default 0) makes every handler call omp_set_num_threads(n) on its own calling thread before creating or running
 // a primitive; n = 0 keeps the OpenMP default (OMP_NUM_THREADS or all cores). The thread count is part of the
 // primitive cache key, since oneDNN sizes its work split when a primitive is created.
 
@@ -144,35 +144,29 @@ std::shared_ptr<CachedConv> Build(const ConvParams& p) {
       memory::desc(src_dims, in, tag::nhwc), memory::desc(wei_dims, in, wtag),
       memory::desc(dst_dims, fwd_dst_dt, tag::nhwc), strides, pad_l, pad_r, attr);
 
+  // The primitive and what it expects: activation-side, weights-side and output-side descriptors.
+  auto set = [&c](auto prim, const auto& pd, memory::desc act, memory::desc wei, memory::desc outside) {
+    c->prim = prim;
+    c->src_md = act;
+    c->wei_md = wei;
+    c->dst_md = outside;
+    c->scratch_md = pd.scratchpad_desc();
+    c->impl = pd.impl_info_str();
+  };
   if (p.kind == 0) {
-    c->prim = dnnl::convolution_forward(fwd_pd);
-    c->src_md = fwd_pd.src_desc();
-    c->wei_md = fwd_pd.weights_desc();
-    c->dst_md = fwd_pd.dst_desc();
-    c->scratch_md = fwd_pd.scratchpad_desc();
-    c->impl = fwd_pd.impl_info_str();
+    set(dnnl::convolution_forward(fwd_pd), fwd_pd, fwd_pd.src_desc(), fwd_pd.weights_desc(), fwd_pd.dst_desc());
   } else if (p.kind == 1) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, memory::desc(src_dims, out, tag::nhwc),
         memory::desc(wei_dims, in, wtag), memory::desc(dst_dims, in, tag::nhwc), strides, pad_l, pad_r, fwd_pd,
         attr);
-    c->prim = dnnl::convolution_backward_data(pd);
-    c->src_md = pd.diff_src_desc();
-    c->wei_md = pd.weights_desc();
-    c->dst_md = pd.diff_dst_desc();
-    c->scratch_md = pd.scratchpad_desc();
-    c->impl = pd.impl_info_str();
+    set(dnnl::convolution_backward_data(pd), pd, pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc());
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, memory::desc(src_dims, in, tag::nhwc),
         memory::desc(wei_dims, out, wtag), memory::desc(dst_dims, in, tag::nhwc), strides, pad_l, pad_r, fwd_pd,
         attr);
-    c->prim = dnnl::convolution_backward_weights(pd);
-    c->src_md = pd.src_desc();
-    c->wei_md = pd.diff_weights_desc();
-    c->dst_md = pd.diff_dst_desc();
-    c->scratch_md = pd.scratchpad_desc();
-    c->impl = pd.impl_info_str();
+    set(dnnl::convolution_backward_weights(pd), pd, pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc());
   }
   c->reorder_wei = c->wei_md != c->user_wei_md;
   if (c->reorder_wei) {
