@@ -19,6 +19,8 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("dataset", "cifar10", "cifar10 | mnist")
 flags.DEFINE_string("checkpoint", None, "checkpoint name (default: cifar10_resnet10 / mnist_basic_cnn)")
+flags.DEFINE_string("conv_impl", None, "convolution kernels for the checkpoint's model (default: custom_vjp); "
+                    "onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md")
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)")
 flags.DEFINE_integer("num_examples", 500, "test examples (the first N of the test split)")
 flags.DEFINE_integer("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
@@ -77,7 +79,7 @@ def main(argv):
     snap_steps = sorted(set(curve_steps) | set(det_steps) | {FLAGS.fixed_steps})
     lams = [float(v) for v in FLAGS.lams]
 
-    m = checkpoints.load(ckpt_name)
+    m = checkpoints.load(ckpt_name, conv_impl=FLAGS.conv_impl)
     sp = data.splits(ds)
     x_test, y_test = data.load(ds, f"{sp['test']}[:{n}]", data_dir=FLAGS.data_dir)
     x_val, y_val = data.load(ds, sp["val"], data_dir=FLAGS.data_dir)
@@ -127,7 +129,8 @@ def main(argv):
     timings["le_pgd"] = time.time() - t
 
     acc = lambda z, y: metrics.accuracy(z, y)  # noqa: E731
-    results = {"config": {"dataset": ds, "checkpoint": ckpt_name, "num_examples": len(x_test),
+    results = {"config": {"dataset": ds, "checkpoint": ckpt_name,
+                          "conv_impl": FLAGS.conv_impl or "custom_vjp", "num_examples": len(x_test),
                           "num_val": len(x_val), "eps": eps, "big_eps": big_eps, "step_size": step_size,
                           "steps": curve_steps, "detector_steps": det_steps, "fixed_steps": FLAGS.fixed_steps,
                           "lams": lams, "le_steps": FLAGS.le_steps, "threshold": FLAGS.threshold,
@@ -293,7 +296,8 @@ def markdown(r) -> str:
     lines = [f"# Energy detection — {c['dataset']}, `{c['checkpoint']}`", "",
              f"N_test={c['num_examples']}, N_val={c['num_val']}, eps={c['eps']:.4f}, step={c['step_size']:.4f}, "
              f"threshold rule: {c['threshold']}, seed {c['seed']}. Energy E = −T·logsumexp(logits/T); "
-             "detector flags −E ≥ threshold (fitted on validation, applied to test).", "",
+             "detector flags −E ≥ threshold (fitted on validation, applied to test)."
+             + (f" Convolutions: `{c['conv_impl']}`." if c.get("conv_impl", "custom_vjp") != "custom_vjp" else ""), "",
              "## Energy vs PGD steps", "", "| steps | mean energy | accuracy % |", "|---|---|---|"]
     lines += [f"| {x['steps']} | {x['mean_energy']:.3f} ± {x['std_energy']:.3f} | {_pct(x['accuracy'])} |"
               for x in r["energy_vs_steps"]]

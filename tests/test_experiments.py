@@ -19,9 +19,10 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
     real_data("mnist")
     _run("experiments.energy_detection", "--dataset=mnist", "--num_examples=24", "--steps=0,1,2",
          "--detector_steps=1,2", "--fixed_steps=2", "--lams=1", "--le_steps=2", "--batch_size=24",
-         "--num_val=24", "--mc_num_examples=8", "--mc_samples=2",
+         "--num_val=24", "--mc_num_examples=8", "--mc_samples=2", "--conv_impl=xla",
          f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["config"]["conv_impl"] == "xla"
     assert [row["steps"] for row in r["energy_vs_steps"]] == [0, 1, 2]
     assert [row["attack"] for row in r["detector_table"]] == ["pgd1", "pgd2", "pgd2_big"]
     for row in r["detector_table"]:
