@@ -143,8 +143,7 @@ def main(argv):
                     fl = None
                 else:
                     run = lambda c=compiled[vname]: jax.block_until_ready(c(v, x, y, key))
-                    # XLA's cost analysis does not see into the oneDNN custom calls: no FLOP count for them
-                    fl = None if impl.startswith("onednn") else compiled_flops(compiled[vname])
+                    fl = compiled_flops(compiled[vname], impl)
                 t0 = time.perf_counter()
                 run()
                 first = time.perf_counter() - t0

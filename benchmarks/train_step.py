@@ -58,9 +58,7 @@ def main(argv):
                                             donate=False)
             compiled, compile_s = compile_timed(step, state, x, y)
             runs[impl] = lambda c=compiled: jax.block_until_ready(c(state, x, y))
-            # XLA's cost analysis does not see into the oneDNN custom calls: no FLOP count for them
-            flops = None if impl.startswith("onednn") else compiled_flops(compiled)
-            meta[impl] = {"train_compile_s": compile_s, "flops": flops}
+            meta[impl] = {"train_compile_s": compile_s, "flops": compiled_flops(compiled, impl)}
             log({"compiled": f"{name}/{impl}", **meta[impl]})
         timings = interleaved(runs, repeats=FLAGS.repeats, warmup=1, log=log)
         m = models.create({**arch, "conv_impl": FLAGS.conv_impls[0]})

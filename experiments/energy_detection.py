@@ -297,7 +297,7 @@ def markdown(r) -> str:
              f"N_test={c['num_examples']}, N_val={c['num_val']}, eps={c['eps']:.4f}, step={c['step_size']:.4f}, "
              f"threshold rule: {c['threshold']}, seed {c['seed']}. Energy E = −T·logsumexp(logits/T); "
              "detector flags −E ≥ threshold (fitted on validation, applied to test)."
-             + (f" Convolutions: `{c['conv_impl']}`." if c.get("conv_impl", "custom_vjp") != "custom_vjp" else ""), "",
+             + (f" Convolutions: `{c['conv_impl']}`." if c["conv_impl"] != "custom_vjp" else ""), "",
              "## Energy vs PGD steps", "", "| steps | mean energy | accuracy % |", "|---|---|---|"]
     lines += [f"| {x['steps']} | {x['mean_energy']:.3f} ± {x['std_energy']:.3f} | {_pct(x['accuracy'])} |"
               for x in r["energy_vs_steps"]]

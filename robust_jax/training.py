@@ -259,6 +259,10 @@ class TrainConfig:
     # checkpoints trained with an opt-in kernel (e.g. "onednn_bf16") load with the default everywhere
     conv_impl: str = "custom_vjp"
 
+    def __post_init__(self):
+        if "conv_impl" in self.architecture:  # it would be overridden by the field below, silently
+            raise ValueError("set conv_impl as TrainConfig(conv_impl=...), not inside architecture")
+
     def to_json(self):
         return dataclasses.asdict(self)
 

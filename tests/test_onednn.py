@@ -292,6 +292,8 @@ def test_checkpoint_trained_with_onednn_loads_with_default(tmp_path, monkeypatch
     monkeypatch.setenv("ROBUST_JAX_ONEDNN", "0")
     cfg = training.TrainConfig(dataset="mnist", architecture={"name": "BasicCNN"}, conv_impl="onednn_bf16")
     assert cfg.to_json()["conv_impl"] == "onednn_bf16"
+    with pytest.raises(ValueError, match="TrainConfig\\(conv_impl"):  # not silently overridden by the field
+        training.TrainConfig(architecture={"name": "BasicCNN", "conv_impl": "xla"})
     model = models.create(cfg.architecture)
     variables = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
                            jnp.zeros((1, 28, 28, 1)))
