@@ -10,7 +10,7 @@ work in pixel space. Call signature::
   its running statistics. This is the MC-dropout mode; with ``dropout_rate=0`` it equals the deterministic model.
 - ``hetero=True`` (attribute): a heteroscedastic head; the model returns ``(logit_mean, logit_log_variance)``
   instead of logits (Kendall & Gal 2017, see ``robust_jax.uncertainty``).
-- ``conv_impl`` (attribute): how every ``nn.Conv`` convolves. ``"custom_vjp"`` (default) is
+- ``conv_impl`` (attribute, one of :data:`CONV_IMPLS`): how every ``nn.Conv`` convolves. ``"custom_vjp"`` (default) is
   ``robust_jax.conv.conv_general_dilated``: the same forward convolution, with a backward pass made of ordinary
   channels-last convolutions, which XLA:CPU runs fast inside rolled loops (``lax.fori_loop`` / ``lax.scan``);
   ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
@@ -28,8 +28,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from robust_jax import conv as conv_lib
+from robust_jax import onednn
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -40,12 +42,34 @@ def _normalise(x, mean, std):
         raise ValueError(f"expected NHWC images, got shape {x.shape}")
     if x.shape[-1] != len(mean):
         raise ValueError(f"expected {len(mean)} channel(s), got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # a trace-time check: it holds under jit too
+        raise TypeError(f"expected floating-point pixels in [0, 1], got dtype {x.dtype} (convert integer images "
+                        f"with x.astype(np.float32) / 255)")
     return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+CONV_IMPLS = ("custom_vjp", "xla", "onednn", "onednn_bf16")
+
+
+def resolve_conv(impl):
+    """The ``conv_general_dilated`` function for a model's ``conv_impl``: ``"custom_vjp"`` (:mod:`robust_jax.conv`),
+    ``"xla"`` (``lax.conv_general_dilated``), ``"onednn"`` / ``"onednn_bf16"`` (opt-in oneDNN kernels on CPU, f32 /
+    bf16 compute with f32 in and out; they fall back to ``"custom_vjp"`` with a one-time warning where oneDNN cannot
+    run, see :mod:`robust_jax.onednn`), or a callable with the signature of ``lax.conv_general_dilated``."""
+    if callable(impl):
+        return impl
+    if impl == "custom_vjp":
+        return conv_lib.conv_general_dilated
+    if impl == "xla":
+        return lax.conv_general_dilated
+    if impl in ("onednn", "onednn_bf16"):
+        return onednn.make_conv_general_dilated(jnp.bfloat16 if impl == "onednn_bf16" else jnp.float32)
+    raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}")
 
 
 def _conv(conv_impl):
     """``nn.Conv`` with the chosen convolution function (same parameters for every ``conv_impl``)."""
-    return functools.partial(nn.Conv, conv_general_dilated=conv_lib.resolve(conv_impl))
+    return functools.partial(nn.Conv, conv_general_dilated=resolve_conv(conv_impl))
 
 
 class _Head(nn.Module):

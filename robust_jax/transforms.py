@@ -9,9 +9,14 @@ Conventions (NHWC float images in [0, 1]):
   ``corners[..., 4, 2]`` pixels (dx, dy); the homography mapping the old corners to the new ones is applied.
 - Sampling is bilinear; pixels sampled from outside the image are **zero** (black fill).
 - All geometric transforms are differentiable w.r.t. the image and (almost everywhere) their parameters.
+
+Training augmentations ``augment(key, x) -> x'`` (random per example): :func:`flip_crop`, :func:`random_rotation`,
+composed by name with :func:`make_augment` (``"flip_crop+rotate"``), as ``robust_jax.training`` uses them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +44,10 @@ def _sample_bilinear(img, rows, cols):
 
 
 def warp(x, matrices):
-    """Apply per-example 3x3 homographies mapping *output* pixel (col, row, 1) to *source* coordinates."""
+    """Apply per-example 3x3 homographies mapping *output* pixel (col, row, 1) to *source* coordinates.
+
+    Each output pixel is a convex combination of input pixels (bilinear, zero fill); the result is clipped to
+    [0, 1] so that float rounding (an ulp above 1) never takes pixel-space images out of the attacks' domain."""
     n, h, w, _ = x.shape
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
     pts = jnp.stack([cols, rows, jnp.ones_like(rows)], -1)  # (H, W, 3)
@@ -49,7 +57,7 @@ def warp(x, matrices):
         src = src[..., :2] / src[..., 2:3]
         return _sample_bilinear(img, src[..., 1], src[..., 0])
 
-    return jax.vmap(one)(x, jnp.broadcast_to(matrices, (n, 3, 3)))
+    return jnp.clip(jax.vmap(one)(x, jnp.broadcast_to(matrices, (n, 3, 3))), 0.0, 1.0)
 
 
 def _centre(h, w):
@@ -129,7 +137,8 @@ def motion_blur_kernel(length, angle_degrees, size: int = 9):
 
 
 def motion_blur(x, length, angle_degrees, *, size: int = 9):
-    """Convolve each image with its motion-blur kernel (zero padding at the border)."""
+    """Convolve each image with its motion-blur kernel (zero padding at the border); clipped to [0, 1] like
+    :func:`warp` (the kernel is normalised, so only rounding is removed)."""
     n, _, _, c = x.shape
     kernels = jax.vmap(lambda L, a: motion_blur_kernel(L, a, size))(_per_example(length, n),
                                                                       _per_example(angle_degrees, n))
@@ -139,4 +148,48 @@ def motion_blur(x, length, angle_degrees, *, size: int = 9):
         return jax.lax.conv_general_dilated(img[None], kern, (1, 1), "SAME", feature_group_count=c,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
 
-    return jax.vmap(one)(x, kernels)
+    return jnp.clip(jax.vmap(one)(x, kernels), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- training augmentations
+def flip_crop(key, x, pad: int = 4):
+    """Random horizontal flip and random crop after zero-padding by `pad` (per example). x: float NHWC."""
+    n, h, w, _ = x.shape
+    k_flip, k_y, k_x = jax.random.split(key, 3)
+    flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+    x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oy = jax.random.randint(k_y, (n,), 0, 2 * pad + 1)
+    ox = jax.random.randint(k_x, (n,), 0, 2 * pad + 1)
+    crop = lambda img, a, b: jax.lax.dynamic_slice(img, (a, b, 0), (h, w, img.shape[-1]))
+    return jax.vmap(crop)(xp, oy, ox)
+
+
+def random_rotation(key, x, max_degrees: float = 30.0):
+    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees] (zero fill)."""
+    degrees = jax.random.uniform(key, (x.shape[0],), minval=-max_degrees, maxval=max_degrees)
+    return rotate(x, degrees)
+
+
+AUGMENTATIONS: dict[str, Callable | None] = {"none": None, "flip_crop": flip_crop, "rotate": random_rotation}
+
+
+def make_augment(names: str, *, rotation_degrees: float = 30.0) -> Callable | None:
+    """Compose augmentations named in a ``+``-separated string, e.g. ``"flip_crop+rotate"`` (applied in order)."""
+    fns = []
+    for name in [n for n in names.split("+") if n and n != "none"]:
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {name!r}; use {', '.join(AUGMENTATIONS)} joined by '+'")
+        fn = AUGMENTATIONS[name]
+        if name == "rotate":
+            fn = lambda k, x, fn=fn: fn(k, x, rotation_degrees)
+        fns.append(fn)
+    if not fns:
+        return None
+
+    def augment(key, x):
+        for i, fn in enumerate(fns):
+            x = fn(jax.random.fold_in(key, i), x)
+        return x
+
+    return augment

@@ -11,7 +11,14 @@ import pytest
 from toy import linear, toy_linear
 
 from robust_jax import attacks, data
-from robust_jax.attacks.jsma import best_pair, jsma
+from robust_jax.attacks.jsma import best_pair
+
+KEY = jax.random.PRNGKey(0)
+
+
+def jsma(f, x, t, **kw):
+    """The toy tests' JSMA: the logit variant (JSMA-Z), whose derivatives on a linear model are its weights."""
+    return attacks.jsma(f, x, t, key=KEY, **{"use_logits": True, **kw})
 
 # the module itself (``robust_jax.attacks.jsma`` may name the function once the package exports it)
 jsma_module = importlib.import_module("robust_jax.attacks.jsma")
@@ -171,8 +178,12 @@ def test_bad_inputs():
         jsma(f, x * 255, y)
     with pytest.raises(ValueError, match="shape"):
         jsma(f, x, y[:3])
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(TypeError, match="integer"):
         jsma(f, x, y.astype(jnp.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        jsma(f, (x * 255).astype(jnp.uint8), y)
+    with pytest.raises(ValueError, match="targeted attack"):
+        jsma(f, x, y, targeted=False)
     with pytest.raises(ValueError, match="NHWC"):
         jsma(f, x.reshape(len(x), -1), y)
     with pytest.raises(ValueError, match="candidates"):
@@ -194,7 +205,7 @@ def _random_targets(y, seed=0):
 
 
 def _run(m, x, t, **kw):
-    attack = jax.jit(lambda v, x, t: jsma(functools.partial(m.apply, v), x, t, **kw))
+    attack = jax.jit(lambda v, x, t: attacks.jsma(functools.partial(m.apply, v), x, t, key=KEY, **kw))
     adv = attack(m.variables, x, t)
     ok = np.asarray(attacks.success(m, adv, t, targeted=True))
     return adv, ok, _changed(adv, x).mean(1)
@@ -207,12 +218,12 @@ def test_jsma_mnist_cnn_quick(need_checkpoint, real_data):
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
     assert (np.asarray(adv) >= np.asarray(x)).all()  # theta > 0 only increases pixels
     assert frac.max() <= 0.1
-    assert ok.sum() >= 6, (ok, frac)  # measured 7 of 10 (and 89 of 100 with gamma = 14.5%, see below)
+    assert ok.sum() >= 8, (ok, frac)
 
 
 @pytest.mark.slow
 def test_jsma_mnist_cnn_paper_setting(need_checkpoint, real_data):
-    """The paper's MNIST setting (theta = +1, gamma = 14.5%, logits): >= 85% targeted success on 100 test images,
+    """The paper's MNIST setting (theta = +1, gamma = 14.5%): >= 85% targeted success on 100 test images,
     changing <= 15% of the pixels on average (the paper reports 97.1% success with 4.02% of the pixels changed)."""
     m, x, y = _mnist(need_checkpoint, real_data, 100)
     t = _random_targets(y)
@@ -220,3 +231,16 @@ def test_jsma_mnist_cnn_paper_setting(need_checkpoint, real_data):
     assert frac.max() <= 0.145
     assert ok.mean() >= 0.85, (ok.mean(), frac.mean())
     assert frac.mean() <= 0.15
+
+
+@pytest.mark.slow
+def test_jsma_default_cleverhans_protocol(need_checkpoint, real_data):
+    """The CleverHans tutorial protocol: each of the first 20 MNIST test images against all 9 other classes at the
+    defaults (theta = 1, gamma = 0.1). The default variant (softmax, JSMA-F) must reach >= 90% targeted success
+    changing <= 10% of the pixels on the successes (Papernot et al. 2016 report 97%)."""
+    m, x, y = _mnist(need_checkpoint, real_data, 20)
+    xs = jnp.repeat(x, 9, axis=0)
+    ts = jnp.asarray([(int(c) + s) % 10 for c in np.asarray(y) for s in range(1, 10)], y.dtype)
+    adv, ok, frac = _run(m, xs, ts)
+    assert ok.mean() >= 0.90, ok.mean()
+    assert frac[ok].max() <= 0.10

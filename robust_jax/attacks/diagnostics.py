@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_jax.attacks._core import EOT, cross_entropy, input_grad
+from robust_jax.attacks._core import cross_entropy, input_grad, num_samples
 
 
 def gradient_health(logits_fn, x, y, *, key=None, zero_tol: float = 0.0) -> dict[str, float]:
     """Fractions of examples whose input gradient of the CE loss is all zero, or not finite."""
-    _, g = input_grad(logits_fn, cross_entropy, jnp.asarray(x, jnp.float32), jnp.asarray(y), key)
+    key = jax.random.PRNGKey(0) if key is None else key
+    _, g = input_grad(logits_fn, cross_entropy, jnp.asarray(x, jnp.float32), jnp.asarray(y), key=key)
     g = np.asarray(g).reshape(len(x), -1)
     finite = np.isfinite(g).all(1)
     zero = finite & (np.abs(g).max(1) <= zero_tol)
@@ -48,7 +49,7 @@ def check(logits_fn, x, y, *, stochastic_fn=None, used_eot: bool | None = None, 
                         f"{100 * h['zero_gradient_fraction']:.1f}% of inputs")
     if h["nonfinite_gradient_fraction"] > 0:
         warnings.append(f"non-finite input gradients on {100 * h['nonfinite_gradient_fraction']:.1f}% of inputs")
-    eot = (isinstance(logits_fn, EOT) and logits_fn.num_samples > 1) or used_eot  # EOT with 1 sample is no EOT
+    eot = num_samples(logits_fn) > 1 or used_eot  # EOT with 1 sample is no EOT
     if stochastic_fn is not None and not eot:
         if is_stochastic(stochastic_fn, x):
             warnings.append("the model is stochastic (two keys disagree) but was attacked without EOT: "

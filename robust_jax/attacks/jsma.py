@@ -6,34 +6,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from robust_jax.attacks._core import _concrete, check_inputs, iterate
+from robust_jax.attacks import engine
+from robust_jax.attacks._core import _concrete, check_inputs
 from robust_jax.models import logits_of
 
 # Pair scores are computed in row blocks of at most this many float32 elements (N * rows * d), bounding memory.
 _PAIR_BLOCK_ELEMENTS = 1 << 24
-
-
-def _outputs(logits_fn, use_logits: bool):
-    def f(z):
-        out = logits_of(logits_fn(z))
-        return out if use_logits else jax.nn.softmax(out, axis=-1)
-
-    return f
-
-
-def _derivatives(logits_fn, x, target, use_logits: bool):
-    """(model outputs, a = dF_t/dx, b = d(sum_{j != t} F_j)/dx), the two derivatives flattened to (N, d).
-
-    One forward pass and two backward passes (one VJP per derivative). The batch sum inside the VJP gives
-    per-example derivatives because the model treats examples independently (eval mode).
-    """
-    out, vjp = jax.vjp(_outputs(logits_fn, use_logits), x)
-    onehot = jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype)
-    (a,) = vjp(onehot)
-    (b,) = vjp(1.0 - onehot)
-    n = x.shape[0]
-    return out, a.reshape(n, -1), b.reshape(n, -1)
 
 
 def best_pair(a, b, mask, sign):
@@ -91,26 +71,57 @@ def _best_pair_among(a, b, mask, sign, candidates: int):
     return pick(i), pick(j), found
 
 
+def saliency_step(theta, sign, candidates: int | None, movable) -> optax.GradientTransformationExtraArgs:
+    """JSMA's step as an optax-style transform on flattened pixels (N, d): from the forward derivatives, pick the
+    most salient admissible pair per example and move both features by `theta` (clipped to [0, 1]); the state is the
+    search space, from which saturated features drop out. Examples with no admissible pair do not move."""
+
+    def init(v):
+        return movable(v)
+
+    def update(descent, space, v, **_):
+        g = -descent  # ascent directions: (N, d) for F_t alone, (2, N, d) for (F_t, sum of the others)
+        if g.ndim == 2:
+            a, b = g, -g  # softmax outputs sum to one: d(sum of the others) = -dF_t
+        else:
+            a, b = g[0], g[1]
+        if candidates is None:
+            p, q, found = best_pair(a, b, space, sign)
+        else:
+            p, q, found = _best_pair_among(a, b, space, sign, candidates)
+        idx = jnp.arange(v.shape[1])[None, :]
+        change = ((idx == p[:, None]) | (idx == q[:, None])) & found[:, None]
+        updates = jnp.where(change, jnp.clip(v + theta, 0.0, 1.0) - v, 0.0)
+        return updates, space & movable(v + updates)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def jsma(
     logits_fn: Callable,
     x,
-    target,
+    y,
     *,
+    key,
+    targeted: bool = True,
     theta: float = 1.0,
     gamma: float = 0.1,
-    loop: str = "auto",
-    use_logits: bool = True,
+    use_logits: bool = False,
     candidates: int | None = None,
+    loop: str = "auto",
+    validate: bool = True,
 ):
     """Targeted Jacobian-based Saliency Map Attack on feature pairs (Papernot, McDaniel, Jha, Fredrikson, Celik,
-    Swami 2016, "The Limitations of Deep Learning in Adversarial Settings", EuroS&P; Algorithms 2-3).
+    Swami 2016, "The Limitations of Deep Learning in Adversarial Settings", EuroS&P; Algorithms 2-3). `y` holds the
+    target classes (``targeted=True``, the only mode: JSMA is a targeted attack). `key` is required for a uniform
+    signature and unused (JSMA is deterministic).
 
-    Each iteration, for every example not yet classified as its `target` (integer labels, shape (N,)):
+    Each iteration (a step of the attack engine), for every example not yet classified as its target t:
 
-    1. compute the forward derivatives ``a = ∂F_t/∂x`` and ``b = ∂(Σ_{j≠t} F_j)/∂x`` (two VJPs of one forward
-       pass), where F is the logits (``use_logits=True``, the paper's variant, called JSMA-Z by Carlini & Wagner
-       2017) or the softmax probabilities (``use_logits=False``, JSMA-F; there ``b = −a`` since the
-       probabilities sum to one, so the map reduces to ``alpha²`` over pairs with ``alpha > 0``);
+    1. compute the forward derivatives ``a = ∂F_t/∂x`` and ``b = ∂(Σ_{j≠t} F_j)/∂x``, where F is the softmax
+       probabilities (``use_logits=False``, the default: JSMA-F, the variant of the paper's experiments; there
+       ``b = −a`` because the probabilities sum to one, so the map reduces to ``alpha²`` over pairs with
+       ``alpha > 0``) or the logits (``use_logits=True``, JSMA-Z in Carlini & Wagner 2017; two VJPs per step);
     2. over all pairs ``p < q`` of the search space, take ``alpha = a_p + a_q``, ``beta = b_p + b_q`` and pick the pair
        maximising ``−alpha·beta`` subject to ``alpha > 0, beta < 0`` (``theta > 0``, increasing features) or
        ``alpha < 0, beta > 0`` (``theta < 0``, decreasing features);
@@ -121,43 +132,39 @@ def jsma(
     `theta`; with ``|theta| = 1`` (the paper's MNIST setting) a chosen feature saturates at once, as in the paper.
     There are ``floor(gamma · d / 2)`` iterations (d = H·W·C), so at most a fraction `gamma` of the features changes.
     Examples that reach the target (including those classified as it from the start) stop changing; an example with
-    no admissible pair left keeps its current value (its derivatives, hence its map, cannot change).
+    no admissible pair left keeps its current value.
 
-    Cost: the exact pair search is O(N·d²) per iteration (MNIST: 307k pairs per example; CIFAR-10: 4.7M, ~15x the
-    MNIST cost per iteration with ~4x more iterations), evaluated in row blocks so that at most 2^24 scores are in
+    Cost: the exact pair search is O(N·d²) per iteration, evaluated in row blocks so that at most 2^24 scores are in
     memory at once. ``candidates=k`` restricts the search to the k features with the largest ``sign(theta)·(a − b)``
-    (an approximation: O(N·k²) per iteration). `loop`: ``auto`` | ``unroll`` | ``fori`` | ``scan`` (see
-    ``choose_loop``). Returns the adversarial images, in [0, 1]; use :func:`success` to see which reached the target.
+    (an approximation: O(N·k²) per iteration). Returns the adversarial images, in [0, 1]; :func:`success` (with
+    ``targeted=True``) tells which reached the target.
     """
-    check_inputs(x, target, name="jsma")
+    if not targeted:
+        raise ValueError("jsma is a targeted attack: pass targeted=True with y holding the target classes "
+                         "(e.g. robust_jax.evaluate.random_targets)")
+    check_inputs(x, y, name="jsma", validate=validate)
     if _concrete(theta) and float(theta) == 0.0:
         raise ValueError("jsma: theta must be non-zero (> 0 increases features, < 0 decreases them)")
     if not 0.0 < float(gamma) <= 1.0:
         raise ValueError(f"jsma: gamma (max fraction of features changed) must be in (0, 1], got {gamma}")
-    x = jnp.asarray(x, jnp.float32)
     n, d = x.shape[0], x[0].size
     if candidates is not None and not 2 <= candidates <= d:
         raise ValueError(f"jsma: candidates must be in [2, {d}] (or None for the exact search), got {candidates}")
     steps = int(gamma * d / 2)
     sign = jnp.sign(jnp.asarray(theta, jnp.float32))
-    target = jnp.asarray(target)
 
     def movable(v):  # features that can still move in the direction of theta
         return jnp.where(sign > 0, v < 1.0, v > 0.0)
 
-    def body(i, state):
-        x_adv, space = state
-        out, a, b = _derivatives(logits_fn, x_adv.reshape(x.shape), target, use_logits)
-        if candidates is None:
-            p, q, found = best_pair(a, b, space, sign)
-        else:
-            p, q, found = _best_pair_among(a, b, space, sign, candidates)
-        active = (jnp.argmax(out, axis=-1) != target) & found
-        idx = jnp.arange(d)[None, :]
-        change = ((idx == p[:, None]) | (idx == q[:, None])) & active[:, None]
-        x_adv = jnp.where(change, jnp.clip(x_adv + theta, 0.0, 1.0), x_adv)
-        return x_adv, space & movable(x_adv)
+    def value_fn(z, k):
+        logits = logits_of(logits_fn(z))
+        out = logits if use_logits else jax.nn.softmax(logits, axis=-1)
+        onehot = jax.nn.one_hot(y, out.shape[-1], dtype=out.dtype)
+        f_t = jnp.sum(out * onehot, axis=-1)
+        value = jnp.stack([f_t, jnp.sum(out * (1.0 - onehot), axis=-1)], axis=1) if use_logits else f_t
+        return engine.Evaluation(value, jnp.argmax(logits, axis=-1) == y)
 
-    flat = x.reshape(n, d)
-    x_adv, _ = iterate(body, (flat, movable(flat)), steps, loop)
-    return jax.lax.stop_gradient(x_adv.reshape(x.shape))
+    res = engine.run(value_fn, x.reshape(n, d), key=key, steps=steps,
+                     optimizer=saliency_step(theta, sign, candidates, movable), decode=lambda v: v.reshape(x.shape),
+                     keep="last", early_stop=True, loop=loop)
+    return res.x

@@ -4,14 +4,17 @@ A :class:`Family` is a transformation with per-example parameters (``apply(x, pa
 a sampler of random parameters within its limits and a grid over them:
 
     fam = spatial.family("rotation_translation", degrees=30, pixels=3)   # Engstrom's ±30°, ±3 px
-    out = spatial.worst_of_k(logits_fn, x, y, key=key, family=fam, k=10)
-    out = spatial.grid(logits_fn, x, y, family=fam, shape=(31, 5, 5))    # 775 candidates, exhaustive
+    x_adv = spatial.worst_of_k(logits_fn, x, y, key=key, family=fam, k=10)
+    x_adv = spatial.grid(logits_fn, x, y, key=key, family=fam, shape=(31, 5, 5))    # 775 candidates, exhaustive
 
-Both return a dict of per-example arrays: ``x`` (the worst transformed input), ``params`` (its parameters),
-``robust`` (correct under *every* candidate — the worst-case accuracy is its mean) and ``mean_correct``
-(fraction of candidates classified correctly — the expectation over the family). The worst candidate is a
-misclassified one if any exists (the one with the highest cross-entropy among them), else the one with the
-highest cross-entropy. Candidates are scanned one at a time (memory of one batch), forward passes only.
+Both have the shape of every attack (``attack(logits_fn, x, y, *, key, ...) -> x_adv``). Their ``*_report``
+twins (and :func:`search`, for any candidate list) return a dict of per-example arrays instead: ``x`` (the worst
+transformed input), ``params`` (its parameters), ``robust`` (correct under *every* candidate — the worst-case
+accuracy is its mean) and ``mean_correct`` (fraction of candidates classified correctly — the expectation over the
+family). The worst candidate is a misclassified one if any exists (the one with the highest cross-entropy among
+them), else the one with the highest cross-entropy. Candidates are scanned one at a time with ``lax.scan`` (memory
+of one batch, forward passes only): an exhaustive search over a fixed list, not an iterative optimiser, so it does
+not go through the gradient engine.
 
 Families (limits are keyword arguments of :func:`family`): ``rotation`` (degrees), ``translation`` (pixels, dx and
 dy), ``rotation_translation`` (both), ``perspective`` (each corner moves by up to ``pixels`` in x and y),
@@ -31,6 +34,7 @@ import numpy as np
 
 from robust_jax import transforms
 from robust_jax.attacks._core import check_inputs, cross_entropy
+from robust_jax.models import logits_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +112,11 @@ def family(name: str, *, degrees: float = 30.0, pixels: float = 3.0, sigma: floa
     raise ValueError(f"unknown transformation family {name!r}; choose from {FAMILIES}")
 
 
-def worst_of(logits_fn, x, y, candidates, fam: Family, *, key=None):
-    """Evaluate every candidate (``(K, P)`` shared or ``(K, N, P)`` per example); keep each example's worst."""
-    check_inputs(x, y, name=f"spatial attack ({fam.name})")
+def search(logits_fn, x, y, *, key, family: Family, candidates, validate: bool = True) -> dict:
+    """Evaluate every candidate (``(K, P)`` shared or ``(K, N, P)`` per example); keep each example's worst.
+    Returns the report dict of the module docstring."""
+    fam = family
+    check_inputs(x, y, name=f"spatial attack ({fam.name})", validate=validate)
     n = x.shape[0]
     candidates = jnp.asarray(candidates, jnp.float32)
     if candidates.ndim == 2:
@@ -118,13 +124,12 @@ def worst_of(logits_fn, x, y, candidates, fam: Family, *, key=None):
     if candidates.ndim != 3 or candidates.shape[1:] != (n, fam.num_params):
         raise ValueError(f"candidates must be (K, {fam.num_params}) or (K, {n}, {fam.num_params}), "
                          f"got {candidates.shape}")
-    key = jax.random.PRNGKey(0) if key is None else key
 
     def body(carry, inputs):
         best_x, best_p, best_mis, best_loss, n_correct = carry
         i, params = inputs
         xt = jax.lax.stop_gradient(fam.apply(x, params, jax.random.fold_in(key, i)))
-        logits = logits_fn(xt)
+        logits = logits_of(logits_fn(xt))
         mis = jnp.argmax(logits, -1) != y
         loss = cross_entropy(logits, y)
         worse = (mis & ~best_mis) | ((mis == best_mis) & (loss > best_loss))
@@ -140,15 +145,25 @@ def worst_of(logits_fn, x, y, candidates, fam: Family, *, key=None):
             "mean_correct": n_correct / candidates.shape[0]}
 
 
-def worst_of_k(logits_fn, x, y, *, key, family: Family, k: int = 10):
-    """Engstrom et al.'s worst-of-k: k random parameter draws per example; returns the worst (see module doc)."""
+def worst_of_k_report(logits_fn, x, y, *, key, family: Family, k: int = 10, validate: bool = True) -> dict:
+    """Engstrom et al.'s worst-of-k: k random parameter draws per example; the report dict (module docstring)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k_params, k_apply = jax.random.split(key)
     candidates = jax.vmap(lambda kk: family.sample(kk, x.shape[0]))(jax.random.split(k_params, k))
-    return worst_of(logits_fn, x, y, candidates, family, key=k_apply)
+    return search(logits_fn, x, y, key=k_apply, family=family, candidates=candidates, validate=validate)
 
 
-def grid(logits_fn, x, y, *, family: Family, shape: tuple[int, ...], key=None):
-    """Exhaustive search over ``family.grid(shape)`` (the same candidates for every example)."""
-    return worst_of(logits_fn, x, y, family.grid(shape), family, key=key)
+def worst_of_k(logits_fn, x, y, *, key, family: Family, k: int = 10, validate: bool = True):
+    """Engstrom et al.'s worst-of-k attack: the worst of k random transformations per example (x_adv)."""
+    return worst_of_k_report(logits_fn, x, y, key=key, family=family, k=k, validate=validate)["x"]
+
+
+def grid_report(logits_fn, x, y, *, key, family: Family, shape: tuple[int, ...], validate: bool = True) -> dict:
+    """Exhaustive search over ``family.grid(shape)`` (the same candidates for every example); the report dict."""
+    return search(logits_fn, x, y, key=key, family=family, candidates=family.grid(shape), validate=validate)
+
+
+def grid(logits_fn, x, y, *, key, family: Family, shape: tuple[int, ...], validate: bool = True):
+    """Exhaustive grid attack: the worst of ``family.grid(shape)`` per example (x_adv)."""
+    return grid_report(logits_fn, x, y, key=key, family=family, shape=shape, validate=validate)["x"]
