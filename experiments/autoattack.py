@@ -1,0 +1,366 @@
+"""AutoAttack (Croce & Hein, ICML 2020) on a pretrained checkpoint, data-parallel and resumable.
+
+    python -m experiments.autoattack --checkpoint=cifar10_resnet10_pgd --norm=linf --eps=8/255 \
+        --num_examples=1000 --version=standard
+
+Evaluates the first --num_examples test images with the protocol of ``robust_jax.attacks.autoattack`` (``standard``:
+APGD-CE, APGD-T, FAB-T, Square with the reference's parameters; ``plus``; ``rand``: APGD-CE / APGD-DLR with EOT over
+20 samples of the checkpoint's MC-dropout model; ``custom`` with --attacks). Each attack runs only on the points
+still robust: the fooled ones are dropped between attacks (and the remaining ones attacked in chunks of at most
+--batch_size, split over all devices by ``robust_jax.runner.run_attack``). Example i draws its randomness from
+``fold_in(fold_in(key, attack), i)`` (i = its position in the test split), so results do not depend on the chunking,
+on --batch_size or on resuming.
+
+After every chunk the state (per-attack robust masks, the adversarial examples found so far, timings) is written
+atomically to --out_dir/state.npz: a killed run started again with the same flags continues where it stopped
+(``--fresh`` discards the state). Writes results.json and results.md to --out_dir (default
+results/autoattack/<checkpoint>_<norm>_<eps>): clean accuracy, robust accuracy after each attack and final, seconds
+per attack, forward/backward passes (per attacked image, counted from the attacks' iterations: upper bounds, since a
+point keeps being computed after it is fooled inside a chunk; ``images_computed`` includes chunk padding) and the
+reference's warning flags. --options (JSON, e.g. '{"square": {"n_queries": 1000}}') overrides attack parameters:
+the results are then not AutoAttack's, and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+from robust_jax import xla_defaults
+
+# allow_override: tests import several experiment modules into one process; absl's flags are global.
+flags.DEFINE_string("checkpoint", None, "checkpoint name (robust_jax.checkpoints.available())", allow_override=True)
+flags.DEFINE_string("norm", "linf", "linf | l2", allow_override=True)
+flags.DEFINE_string("eps", None, "budget: a number or a fraction such as 8/255 (default 8/255 linf, 0.5 l2)",
+                    allow_override=True)
+flags.DEFINE_integer("num_examples", 1000, "the first N test images", allow_override=True)
+flags.DEFINE_string("version", "standard", "standard | plus | rand | custom", allow_override=True)
+flags.DEFINE_list("attacks", None, "with --version=custom: attacks to run, from apgd-ce, apgd-t, fab-t, square, "
+                  "apgd-dlr, fab", allow_override=True)
+flags.DEFINE_string("options", None, "JSON {attack: {param: value}} overriding the protocol's parameters",
+                    allow_override=True)
+flags.DEFINE_integer("batch_size", 250, "chunk size (examples attacked at once, over all devices)", allow_override=True)
+flags.DEFINE_integer("seed", 0, "seed", allow_override=True)
+flags.DEFINE_integer("eot_samples", 20, "EOT samples for --version=rand", allow_override=True)
+flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)", allow_override=True)
+flags.DEFINE_string("out_dir", None, "output dir (default results/autoattack/<checkpoint>_<norm>_<eps>)",
+                    allow_override=True)
+flags.DEFINE_bool("fresh", False, "ignore a saved state in --out_dir and start over", allow_override=True)
+flags.DEFINE_bool("progress", True, "tqdm progress bars", allow_override=True)
+FLAGS = flags.FLAGS
+
+NORMS = ("linf", "l2")
+STATE = "state.npz"
+
+
+# ----------------------------------------------------------------------------------------------- flags
+def parse_eps(text: str) -> float:
+    """``"8/255"`` or ``"0.03"`` -> float; ValueError unless finite and > 0."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"--eps={text!r} is not a number or a fraction such as 8/255") from e
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--eps must be > 0, got {text!r}")
+    return value
+
+
+def eps_label(text: str) -> str:
+    return text.strip().replace("/", "_")
+
+
+def check_flags(f) -> tuple[float, dict | None]:
+    """Validate the command line before anything is loaded: (eps, options) or ValueError with a one-line reason."""
+    from robust_jax import checkpoints
+    from robust_jax.attacks.autoattack import ATTACKS, VERSIONS, protocol
+
+    if not f.checkpoint:
+        raise ValueError(f"--checkpoint is required (available: {', '.join(checkpoints.available())})")
+    if f.checkpoint not in checkpoints.available():
+        raise ValueError(f"no checkpoint {f.checkpoint!r} (available: {', '.join(checkpoints.available())})")
+    if f.norm not in NORMS:
+        raise ValueError(f"--norm must be one of {NORMS}, got {f.norm!r}")
+    eps = parse_eps(f.eps if f.eps is not None else ("8/255" if f.norm == "linf" else "0.5"))
+    if f.norm == "linf" and eps > 1:
+        raise ValueError(f"--eps={eps:g} exceeds the [0, 1] pixel range (use e.g. 8/255)")
+    if f.version not in VERSIONS:
+        raise ValueError(f"--version must be one of {VERSIONS}, got {f.version!r}")
+    if f.attacks and f.version != "custom":
+        raise ValueError("--attacks is only used with --version=custom")
+    if f.version == "custom" and not f.attacks:
+        raise ValueError(f"--version=custom needs --attacks (from {', '.join(ATTACKS)})")
+    if f.num_examples < 1 or f.batch_size < 1 or f.eot_samples < 1:
+        raise ValueError("--num_examples, --batch_size and --eot_samples must be >= 1")
+    options = None
+    if f.options:
+        try:
+            options = json.loads(f.options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--options is not valid JSON ({e})") from e
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError("--options must be a JSON object {attack: {param: value}}")
+    protocol(f.version, f.attacks, options)  # unknown attack names / options raise ValueError here
+    return eps, options
+
+
+# ----------------------------------------------------------------------------------------------- state
+def _save_state(out: Path, arrays: dict, meta: dict) -> None:
+    """Write state.npz atomically (a temporary file in the same directory, then os.replace)."""
+    tmp = out / f".{STATE}.tmp{os.getpid()}.npz"
+    np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
+    os.replace(tmp, out / STATE)
+
+
+def _load_state(out: Path):
+    path = out / STATE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+        meta = json.loads(str(z["meta"]))
+    return arrays, meta
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------- runner
+_ATTACK_FNS: dict = {}
+
+
+def _attack_fn(logits_builder, name, params, key, norm, eps):
+    """``attack(variables, x, packed, _) -> (x_adv, fooled)`` for ``runner.run_attack``; ``packed`` holds (label,
+    dataset index) rows, the index giving each example its key. One function object per configuration, so that
+    repeated evaluations in a process reuse the compiled attack."""
+    from robust_jax.attacks._core import is_success
+    from robust_jax.attacks.autoattack import run_protocol_attack
+    from robust_jax.models import logits_of
+
+    cache_key = (id(logits_builder), name, json.dumps(params, sort_keys=True), norm, float(eps),
+                 tuple(np.asarray(key).ravel().tolist()))
+    hit = _ATTACK_FNS.get(cache_key)
+    if hit is not None and hit[0] is logits_builder:
+        return hit[1]
+
+    def attack(v, xb, yb, _key):
+        f = logits_builder(v)
+        labels, idx = yb[:, 0], yb[:, 1]
+        xa = run_protocol_attack(name, params, f, xb, labels, key=key, norm=norm, eps=eps, indices=idx)
+        return xa, is_success(logits_of(f(xa)), labels)
+
+    _ATTACK_FNS[cache_key] = (logits_builder, attack)
+    return attack
+
+
+def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, version: str = "standard",
+             attacks_to_run=None, options=None, batch_size: int = 250, out_dir=None, config: dict | None = None,
+             eot_samples: int = 20, progress: bool = True) -> dict:
+    """AutoAttack over all of (x, y) on the host, dropping fooled points between attacks.
+
+    ``logits_builder(variables) -> logits_fn`` (called under jit with traced variables; an :class:`EOT` for
+    ``version="rand"``). With `out_dir` the state is saved after every chunk and resumed from (it must have been
+    written with the same `config`). Returns the results dict (see the module docstring) plus ``"x_adv"`` and the
+    per-attack robust masks (numpy)."""
+    import jax
+    import jax.numpy as jnp
+
+    from robust_jax import runner, sharding
+    from robust_jax.attacks._core import predict
+    from robust_jax.attacks.autoattack import checks, passes, protocol, square_flag
+    from robust_jax.models import logits_of
+
+    tqdm = __import__("tqdm.auto", fromlist=["tqdm"]).tqdm
+    spec = protocol(version, attacks_to_run, options)
+    names = [a for a, _ in spec]
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+    n = len(x)
+    config = {**(config or {}), "norm": norm, "eps": eps, "version": version, "attacks": names,
+              "params": dict(spec), "num_examples": n, "eot_samples": eot_samples}
+    config = json.loads(json.dumps(config))
+    out = Path(out_dir) if out_dir is not None else None
+    saved = _load_state(out) if out is not None else None
+    if saved is not None and saved[1]["config"] != config:
+        diff = sorted(k for k in set(config) | set(saved[1]["config"]) if config.get(k) != saved[1]["config"].get(k))
+        raise ValueError(f"{out / STATE} holds a run with a different configuration (differs in {diff}); use "
+                         f"--fresh or another --out_dir")
+    ndev = sharding.num_devices()
+    replicated = sharding.replicate(variables)
+    pred = jax.jit(lambda v, xb: predict(logits_builder(v), xb))
+
+    if saved is None:
+        t0 = time.time()
+        f0 = logits_builder(variables)
+        sample = slice(0, min(n, batch_size))
+        flags_ = checks(f0, x[sample], y[sample], version=version, attacks=names,
+                        n_target_classes=max([p.get("n_target_classes", 0) for _, p in spec] + [0]))
+        clean = np.asarray(sharding.run_sharded(lambda xb: pred(replicated, xb), x, batch_size=batch_size)) == y
+        arrays = {"x_adv": x.copy(), "robust": clean.copy(), "clean": clean}
+        meta = {"config": config, "flags": flags_, "clean_seconds": time.time() - t0,
+                "n_classes": int(logits_of(f0(jnp.asarray(x[:1]))).shape[-1]),
+                "attacks": {a: {"position": 0, "done": False, "seconds": 0.0, "attacked": 0, "computed": 0}
+                            for a in names}}
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            _save_state(out, arrays, meta)
+    else:
+        arrays, meta = saved
+        if progress:
+            done = [a for a in names if meta["attacks"][a]["done"]]
+            print(f"autoattack: resuming from {out / STATE} (done: {done or 'none'})")
+
+    for name, params in spec:
+        st = meta["attacks"][name]
+        if st["done"]:
+            continue
+        if f"before/{name}" not in arrays:
+            arrays[f"before/{name}"] = arrays["robust"].copy()
+        todo = np.flatnonzero(arrays[f"before/{name}"])
+        left = len(todo) - st["position"]
+        # balanced chunks of at most batch_size (rounded up to 8 per device): little padding in the last one
+        per = -(-left // -(-left // batch_size)) if left > 0 else 1
+        chunk = min(max(batch_size, 8 * ndev), -(-per // (8 * ndev)) * 8 * ndev)
+
+        attack = _attack_fn(logits_builder, name, params, key, norm, eps)
+
+        with tqdm(total=len(todo), initial=st["position"], desc=name, unit="img", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            while st["position"] < len(todo):
+                t0 = time.time()
+                idx = todo[st["position"]: st["position"] + chunk]
+                packed = np.stack([y[idx], idx.astype(np.int32)], axis=1)
+                xa, fooled = runner.run_attack(attack, variables, x[idx], packed, key=key, batch_size=chunk,
+                                               progress=False, desc=name)
+                hit = idx[fooled]
+                arrays["x_adv"][hit] = xa[fooled]
+                arrays["robust"][hit] = False
+                st["position"] += len(idx)
+                st["attacked"] += len(idx)
+                st["computed"] += -(-len(idx) // chunk) * chunk
+                st["seconds"] += time.time() - t0
+                if out is not None:
+                    _save_state(out, arrays, meta)
+                bar.update(len(idx))
+                bar.set_postfix(robust=f"{arrays['robust'].mean():.2%}")
+        st["done"] = True
+        arrays[f"after/{name}"] = arrays["robust"].copy()
+        if out is not None:
+            _save_state(out, arrays, meta)
+
+    # final consistency: predictions on the returned points and their distances
+    final_pred = np.asarray(sharding.run_sharded(lambda xb: pred(replicated, xb), arrays["x_adv"],
+                                                 batch_size=batch_size))
+    delta = (arrays["x_adv"] - x).reshape(n, -1)
+    dist = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta.astype(np.float64) ** 2).sum(1))
+    acc = {"clean": float(arrays["clean"].mean())}
+    acc.update({a: float(arrays[f"after/{a}"].mean()) for a in names})
+    flags_ = list(meta["flags"])
+    sq = square_flag(acc)
+    if sq:
+        flags_.append(sq)
+    if float(dist.max(initial=0.0)) > eps * (1 + 1e-5) + 1e-7:
+        flags_.append(f"perturbation {dist.max():.6g} exceeds eps {eps:.6g}")
+    if np.any((final_pred == y) != arrays["robust"]):
+        flags_.append(f"{int(np.sum((final_pred == y) != arrays['robust']))} points change their robust status when "
+                      f"re-evaluated (non-deterministic model?)")
+    if options:
+        flags_.append(f"non-standard parameters (--options {json.dumps(options)}): not AutoAttack's numbers")
+    n_cls = meta["n_classes"]
+    per_pass = {}
+    for a, p in spec:
+        per = passes(a, p, n_cls, eot_samples if version == "rand" else 1)
+        st = meta["attacks"][a]
+        per_pass[a] = {"per_image": per, "images_attacked": st["attacked"], "images_computed": st["computed"],
+                       "forward": per["forward"] * st["attacked"], "backward": per["backward"] * st["attacked"]}
+    seconds = {"clean_and_checks": meta["clean_seconds"], **{a: meta["attacks"][a]["seconds"] for a in names}}
+    return {**config, "clean_accuracy": acc["clean"], "robust_accuracy": acc,
+            "final_robust_accuracy": float(arrays["robust"].mean()), "seconds": seconds,
+            "total_seconds": float(sum(seconds.values())), "passes": per_pass, "flags": flags_,
+            "max_perturbation": float(dist.max(initial=0.0)), "devices": jax.device_count(),
+            "x_adv": arrays["x_adv"], "robust": {k: arrays[f"after/{k}"] for k in names} | {"clean": arrays["clean"]}}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# AutoAttack ({res['version']}) on `{res['checkpoint']}`", "",
+             f"{res['norm']} eps = {res['eps_arg']} ({res['eps']:.6g}), first {res['num_examples']} test images of "
+             f"{res['dataset']}, seed {res['seed']}, {res['devices']} device(s), CPU: {res['cpu']}", "",
+             "| stage | robust accuracy | seconds | forward / backward passes per attacked image | images attacked |",
+             "|---|---|---|---|---|",
+             f"| clean | {100 * res['clean_accuracy']:.2f}% | {res['seconds']['clean_and_checks']:.1f} | | |"]
+    for a in res["attacks"]:
+        p = res["passes"][a]
+        lines.append(f"| {a} | {100 * res['robust_accuracy'][a]:.2f}% | {res['seconds'][a]:.1f} | "
+                     f"{p['per_image']['forward']} / {p['per_image']['backward']} | {p['images_attacked']} |")
+    lines += ["", f"**Final robust accuracy: {100 * res['final_robust_accuracy']:.2f}%** "
+                  f"(total {res['total_seconds']:.0f} s; max perturbation {res['max_perturbation']:.6g})", "",
+              "Flags: " + ("; ".join(res["flags"]) if res["flags"] else "none"), ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    try:
+        eps, options = check_flags(FLAGS)
+    except ValueError as e:
+        print(f"autoattack: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    import functools
+
+    import jax
+
+    from robust_jax import checkpoints, data, uncertainty
+    from robust_jax.attacks._core import eot
+
+    eps_arg = FLAGS.eps if FLAGS.eps is not None else ("8/255" if FLAGS.norm == "linf" else "0.5")
+    m = checkpoints.load(FLAGS.checkpoint)
+    ds = m.card["dataset"]
+    split = data.head(ds, data.splits(ds)["test"], FLAGS.num_examples)
+    x, y = data.load(ds, split, data_dir=FLAGS.data_dir)
+    x = data.to_float(x)
+    if FLAGS.version == "rand":
+        builder = lambda v: eot(uncertainty.mc_dropout_logits_fn(m.apply, v), FLAGS.eot_samples)  # noqa: E731
+    else:
+        builder = lambda v: functools.partial(m.apply, v)  # noqa: E731
+    out = Path(FLAGS.out_dir or f"results/autoattack/{FLAGS.checkpoint}_{FLAGS.norm}_{eps_label(eps_arg)}")
+    if FLAGS.fresh and (out / STATE).is_file():
+        (out / STATE).unlink()
+    config = {"checkpoint": FLAGS.checkpoint, "dataset": ds, "split": split, "seed": FLAGS.seed, "eps_arg": eps_arg,
+              "options": options}
+    print(f"autoattack: {FLAGS.checkpoint} on {ds} {split}, {FLAGS.norm} eps={eps_arg}, version={FLAGS.version}, "
+          f"devices={jax.device_count()}, out_dir={out}")
+    res = evaluate(builder, m.variables, x, y, key=jax.random.PRNGKey(FLAGS.seed), norm=FLAGS.norm, eps=eps,
+                   version=FLAGS.version, attacks_to_run=FLAGS.attacks, options=options,
+                   batch_size=FLAGS.batch_size, out_dir=out, config=config, eot_samples=FLAGS.eot_samples,
+                   progress=FLAGS.progress)
+    res.pop("x_adv")
+    res.pop("robust")
+    res["cpu"] = cpu_model()
+    res["jax"] = jax.__version__
+    res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    xla_defaults()  # before JAX initialises its backend
+    app.run(main)
