@@ -1,0 +1,19 @@
+"""A tiny sweep for the tests (tests/test_sweep.py): MNIST BasicCNN checkpoints, N=32 in global batches of 16.
+
+Cells 0-1: one PGD-3 cell with two eps values per seed; cells 2-3: the same eps one per cell (the eps-array cell
+must equal them); cell 4: FGSM on the heteroscedastic checkpoint (another architecture, another executable).
+"""
+
+from robust_jax.sweep import Cell, Sweep
+
+PGD = {"steps": 3, "rel_step_size": 0.25}
+EPS = [0.1, 0.3]
+COMMON = {"n": 32, "batch_size": 16}
+
+SWEEP = Sweep("tiny", [
+    Cell("mnist_basic_cnn", "pgd", EPS, params=PGD, seed=0, group="pgd", **COMMON),
+    Cell("mnist_basic_cnn", "pgd", EPS, params=PGD, seed=1, group="pgd", label="mnist_basic_cnn seed 1", **COMMON),
+    Cell("mnist_basic_cnn", "pgd", EPS[:1], params=PGD, seed=0, group="pgd_single", **COMMON),
+    Cell("mnist_basic_cnn", "pgd", EPS[1:], params=PGD, seed=0, group="pgd_single", **COMMON),
+    Cell("mnist_basic_cnn_hetero", "fgsm", EPS, seed=0, group="fgsm", **COMMON),
+])

@@ -1,0 +1,344 @@
+"""Batch sweeps (robust_jax/sweep.py, experiments/sweep.py): keys, resumption, device / process invariance.
+
+The slow tests run the tiny sweep of tests/sweep_tiny.py (MNIST BasicCNN checkpoints, N=32, batches of 16) as
+subprocesses: one process with one device (the reference), one process with 4 forced host devices, two processes
+with 2 forced host devices each joined by ``jax.distributed`` on 127.0.0.1 (a real multi-controller run), and a run
+killed with SIGKILL and resumed.
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robust_jax import sharding, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).with_name("sweep_tiny.py")
+TINY_CELLS = 5
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+def _env(devices: int | None = None) -> dict:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "experiments.sweep", f"--config={TINY}", f"--out_dir={out}", "--noprogress", *extra]
+
+
+def _run(out, *extra, devices=None, timeout=900):
+    proc = subprocess.run(_cmd(out, *extra), capture_output=True, text=True, env=_env(devices), cwd=ROOT,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _table(out) -> list[dict]:
+    return sweep.read_table(Path(out) / "table.json")
+
+
+@pytest.fixture(scope="module")
+def needs_tiny(request):
+    from robust_jax import checkpoints, data
+
+    for name in ("mnist_basic_cnn", "mnist_basic_cnn_hetero"):
+        if name not in checkpoints.available():
+            pytest.skip(f"checkpoint {name} not present")
+    try:
+        data.load("mnist", "test[0:1]", cache=False)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no MNIST data: {e}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, needs_tiny):
+    """The tiny sweep, uninterrupted, on one process with one device."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, _run(out, devices=1)
+
+
+# ---------------------------------------------------------------------------------------------------- fast
+def test_wilson_interval():
+    lo, hi = sweep.wilson(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    lo, hi = sweep.wilson(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-4
+    lo, hi = sweep.wilson(10, 10)
+    assert abs(lo - 0.7225) < 1e-4 and hi == 1.0
+
+
+def test_effective_batch_is_a_multiple_of_the_devices():
+    assert sweep.effective_batch(256, 1000, 1) == 256
+    assert sweep.effective_batch(250, 1000, 4) == 252
+    assert sweep.effective_batch(256, 32, 4) == 32
+    assert sweep.effective_batch(256, 30, 4) == 32
+
+
+def test_key_covers_the_full_config(needs_tiny):
+    base = sweep.Cell("mnist_basic_cnn", "pgd", [0.1, 0.3], params={"steps": 3}, n=32, batch_size=16)
+    key = sweep.plan(0, base, 1).key
+    assert sweep.plan(7, base, 1).key == key  # the position in the grid is not part of the config
+    # defaults written out are the same configuration
+    explicit = sweep.Cell("mnist_basic_cnn", "pgd", [0.1, 0.3], params={"steps": 3, "rel_step_size": 0.25,
+                                                                         "norm": "linf"}, n=32, batch_size=16)
+    assert sweep.plan(0, explicit, 1).key == key
+    variants = [
+        dict(params={"steps": 4}), dict(params={"steps": 3, "rel_step_size": 0.5}), dict(values=[0.1]),
+        dict(values=[0.1, 0.2]), dict(seed=1), dict(n=16), dict(split="test[100:]"), dict(batch_size=8),
+        dict(attack="fgsm", params={}), dict(checkpoint="mnist_basic_cnn_hetero"),
+    ]
+    import dataclasses
+
+    keys = {sweep.plan(0, dataclasses.replace(base, **v), 1).key for v in variants}
+    assert len(keys) == len(variants) and key not in keys
+    # batch 16 on 3 devices runs as 18: another computation, another key
+    assert sweep.plan(0, base, 3).key != key and sweep.plan(0, base, 3).batch == 18
+    assert sweep.plan(0, base, 4).key == key
+
+
+def test_key_follows_checkpoint_content(tmp_path, monkeypatch, needs_tiny):
+    from robust_jax import checkpoints
+
+    src = checkpoints.root() / "mnist_basic_cnn"
+    dst = tmp_path / "mnist_basic_cnn"
+    (dst / "variables").mkdir(parents=True)
+    (dst / "card.json").write_text((src / "card.json").read_text())
+    sums = (src / checkpoints.CHECKSUMS).read_text()
+    (dst / checkpoints.CHECKSUMS).write_text(sums)
+    cell = sweep.Cell("mnist_basic_cnn", "fgsm", [0.1], n=16)
+    original = sweep.plan(0, cell, 1).key
+    monkeypatch.setenv("ROBUST_JAX_CHECKPOINTS", str(tmp_path))
+    assert sweep.plan(0, cell, 1).key == original  # same content, another folder: same key
+    (dst / checkpoints.CHECKSUMS).write_text(sums.replace(sums[:8], "0" * 8, 1))  # other weights
+    assert sweep.plan(0, cell, 1).key != original
+
+
+def test_finished_cells_are_reused_only_with_the_same_config(tmp_path, needs_tiny):
+    p = sweep.plan(0, sweep.Cell("mnist_basic_cnn", "fgsm", [0.1], n=16), 1)
+    f = tmp_path / "cells" / f"{p.key}.json"
+    assert sweep.read_cell(tmp_path, p) is None
+    sweep.atomic_write(f, json.dumps({"key": p.key, "config": {**p.config, "seed": 5}}))
+    assert sweep.read_cell(tmp_path, p) is None  # a file under the key with another config is not silently reused
+    f.write_text("{truncated")
+    assert sweep.read_cell(tmp_path, p) is None
+    sweep.atomic_write(f, json.dumps({"key": p.key, "config": p.config, "result": {}}))
+    assert sweep.read_cell(tmp_path, p)["key"] == p.key
+    assert [x.name for x in (tmp_path / "cells").iterdir()] == [f.name]  # no temporary file left
+
+
+def test_launcher_detection(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(k)
+    assert sharding.launcher() is None
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert sharding.launcher() is None  # one task: a plain process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert sharding.launcher() == "slurm"
+    for k in slurm:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0")
+    assert sharding.launcher() is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1,t2,t3")
+    assert sharding.launcher() == "tpu"
+
+
+def test_initialize_distributed_arguments(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(sharding, "launcher", lambda: None)
+    assert sharding.initialize_distributed() is False  # a plain process: nothing to join
+    assert sharding.initialize_distributed("h:1", 2, 0, mode="off") is False
+    with pytest.raises(ValueError, match="coordinator_address"):
+        sharding.initialize_distributed(num_processes=2)
+    assert sharding.initialize_distributed("h:1", 2, 1) is True
+    assert calls[-1]["coordinator_address"] == "h:1" and calls[-1]["process_id"] == 1
+    monkeypatch.setattr(sharding, "launcher", lambda: "slurm")
+    assert sharding.initialize_distributed() is True and calls[-1]["coordinator_address"] is None
+    assert len(calls) == 2
+
+
+def test_single_process_rows():
+    n = sharding.num_devices(sharding.global_mesh())
+    assert sharding.process_rows(4 * n) == (0, 4 * n)
+    assert sharding.per_process(3).tolist() == [3] and sharding.all_processes(True)
+
+
+def test_shipped_configs_resolve(needs_tiny):
+    from experiments.sweep import SWEEPS_DIR, load_config
+    from robust_jax import checkpoints
+
+    configs = {p.stem: load_config(p.stem) for p in SWEEPS_DIR.glob("*.py") if p.stem != "__init__"}
+    assert {"cifar10_robustness_curve", "cifar10_autoattack", "energy_lambda", "uncertainty_fgsm"} <= set(configs)
+    cifar = [c for c in checkpoints.available() if checkpoints.read_card(c)["dataset"] == "cifar10"]
+    curve = configs["cifar10_robustness_curve"]
+    assert sorted(c.checkpoint for c in curve.cells) == sorted(cifar)
+    assert all(c.values[0] == 0 and abs(c.values[-1] - 16 / 255) < 1e-12 and c.attack == "pgd" for c in curve.cells)
+    (lam,) = configs["energy_lambda"].cells
+    assert lam.checkpoint == "cifar10_resnet10" and lam.values == (0.1, 0.3, 1.0, 3.0, 10.0)
+    assert lam.params["eps"] == 8 / 255
+    assert {c.checkpoint for c in configs["uncertainty_fgsm"].cells} == {"mnist_basic_cnn", "mnist_basic_cnn_hetero"}
+    for s in configs.values():
+        keys = [sweep.plan(i, c, 4).key for i, c in enumerate(s.cells)]
+        assert len(set(keys)) == len(keys)
+
+
+# ---------------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_reference_run_outputs(reference):
+    out, summary = reference
+    assert summary["ran"] == list(range(TINY_CELLS)) and not summary["failed"] and not summary["reused"]
+    # one executable per (architecture, attack, number of eps values): PGD x2 eps (cells 0, 1), PGD x1 (2, 3), FGSM
+    assert summary["compiles"]["executables_compiled_this_run"] == 3
+    assert summary["devices"] == 1 and summary["processes"] == 1
+    assert summary["examples_loaded_per_process"] == [32]
+    rows = _table(out)
+    assert len(rows) == 8 and all(r["n"] == 32 for r in rows)
+    with open(out / "table.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    for r in rows:
+        assert 0 <= r["ci_low"] <= r["robust_accuracy"] <= r["ci_high"] <= 1
+        assert r["robust_accuracy"] <= r["clean_accuracy"] + 1e-12
+    for group in ("pgd", "pgd_single", "fgsm"):
+        png = out / f"{group}.png"
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_eps_array_cell_equals_single_eps_cells(reference):
+    out, _ = reference
+    rows = _table(out)
+    array_cell = {r["value"]: r for r in rows if r["cell"] == 0}
+    singles = {r["value"]: r for r in rows if r["cell"] in (2, 3)}
+    assert set(array_cell) == set(singles) == {0.1, 0.3}
+    for v in (0.1, 0.3):
+        assert array_cell[v]["robust_correct"] == singles[v]["robust_correct"]
+    # per example, not only in count
+    recs = {r["cell"]: json.loads((out / "cells" / f"{r['key']}.json").read_text()) for r in rows}
+    bits = {c: recs[c]["result"]["robust_bits"] for c in (0, 2, 3)}
+    assert bits[0] == [bits[2][0], bits[3][0]]
+    mask = sweep.unbits(recs[0]["result"]["robust_bits"][0], 32)
+    assert mask.sum() == array_cell[0.1]["robust_correct"]
+
+
+@pytest.mark.slow
+def test_four_devices_give_the_same_table(reference, tmp_path):
+    out, _ = reference
+    summary = _run(tmp_path, devices=4)
+    assert summary["devices"] == 4 and summary["processes"] == 1
+    assert sweep.comparable(_table(tmp_path)) == sweep.comparable(_table(out))
+    assert {r["devices"] for r in _table(tmp_path)} == {4}
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_table(reference, tmp_path):
+    """Two processes x 2 host devices, jax.distributed over 127.0.0.1: one 4-device mesh, each process loading half
+    of every batch; process 0 writes the table."""
+    out, _ = reference
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                   f"--process_id={i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(2), cwd=ROOT) for i in (0, 1)]
+    try:
+        results = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["devices"] == 4
+    assert summary["examples_loaded_per_process"] == [16, 16]  # each process loads only its rows
+    assert sweep.comparable(_table(tmp_path)) == sweep.comparable(_table(out))
+    assert {(r["devices"], r["processes"]) for r in _table(tmp_path)} == {(4, 2)}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_with_the_missing_cells(reference, tmp_path):
+    out, _ = reference
+    proc = subprocess.Popen(_cmd(tmp_path, "--pause_after_cell=3"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env(1), cwd=ROOT)
+    cells = tmp_path / "cells"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if cells.is_dir() and len(list(cells.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(f.name for f in cells.glob("*.json"))
+    assert 2 <= len(finished) < TINY_CELLS
+    for f in cells.glob("*.json"):
+        json.loads(f.read_text())  # every finished file is complete
+    assert not (tmp_path / "table.json").exists()
+
+    summary = _run(tmp_path)
+    assert len(summary["reused"]) == len(finished) and len(summary["ran"]) == TINY_CELLS - len(finished)
+    assert sorted(summary["reused"] + summary["ran"]) == list(range(TINY_CELLS)) and not summary["failed"]
+    assert sweep.comparable(_table(tmp_path)) == sweep.comparable(_table(out))
+    statuses = [r["status"] for r in _table(tmp_path)]
+    assert statuses.count("reused") > 0 and statuses.count("ran") > 0
+
+    again = _run(tmp_path)  # everything finished: nothing runs, nothing compiles
+    assert again["ran"] == [] and len(again["reused"]) == TINY_CELLS
+    assert again["compiles"]["executables_compiled_this_run"] == 0 and again["compiles"]["xla_backend_compiles"] == 0
+
+
+@pytest.mark.slow
+def test_failing_cells_are_recorded_and_the_sweep_goes_on(tmp_path, needs_tiny):
+    grid = sweep.Sweep("failing", [
+        sweep.Cell("no_such_checkpoint", "fgsm", [0.1], n=16),
+        sweep.Cell("mnist_basic_cnn", "pgd", [0.1], params={"steps": 1, "norm": "l3"}, n=16, batch_size=16),
+        sweep.Cell("mnist_basic_cnn", "fgsm", [0.1], n=16, batch_size=16),
+    ])
+    summary = sweep.run(grid, tmp_path, progress=False, log=lambda m: None)
+    assert summary["ran"] == [2]
+    failed = {f["cell"]: f["error"] for f in summary["failed"]}
+    assert set(failed) == {0, 1}
+    assert "no_such_checkpoint" in failed[0] and "l3" in failed[1]
+    assert [r["cell"] for r in _table(tmp_path)] == [2]
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == summary["failed"]
+
+
+@pytest.mark.slow
+def test_autoattack_hook(tmp_path, needs_tiny):
+    """attacks.autoattack through the sweep (reduced budgets): eps array = single eps; per-example keys make the
+    result independent of the batch size."""
+    params = {"version": "custom", "attacks_to_run": ["apgd-ce", "apgd-t"],
+              "options": {"apgd-ce": {"steps": 3}, "apgd-t": {"steps": 3, "n_target_classes": 2}}}
+    grid = sweep.Sweep("aa", [
+        sweep.Cell("mnist_basic_cnn", "autoattack", [0.1, 0.3], params=params, n=16, batch_size=16),
+        sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], params=params, n=16, batch_size=8),
+    ])
+    summary = sweep.run(grid, tmp_path, progress=False, log=lambda m: None)
+    assert summary["ran"] == [0, 1]
+    rows = _table(tmp_path)
+    by = {(r["cell"], r["value"]): r["robust_correct"] for r in rows}
+    assert by[(0, 0.1)] == by[(1, 0.1)]
+    assert by[(0, 0.3)] <= by[(0, 0.1)]
+    assert np.all([r["robust_correct"] <= r["clean_correct"] for r in rows])
