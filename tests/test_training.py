@@ -3,7 +3,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from robust_jax import models, training
+from robust_jax import models, training, transforms
 
 
 def _toy_data(n=256, seed=0):
@@ -83,7 +83,7 @@ def test_same_seed_same_params_other_seed_differs(tmp_path):
 
 def test_flip_crop_keeps_shape_and_content():
     x = jax.random.uniform(jax.random.PRNGKey(0), (8, 32, 32, 3))
-    out = training.flip_crop(jax.random.PRNGKey(1), x)
+    out = transforms.flip_crop(jax.random.PRNGKey(1), x)
     assert out.shape == x.shape
     # every output is a shifted (and possibly flipped) copy: its pixel multiset is a subset of input + zeros
     assert float(out.max()) <= float(x.max())
@@ -92,17 +92,17 @@ def test_flip_crop_keeps_shape_and_content():
 
 def test_make_augment_composes_and_rejects_unknown():
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
-    assert training.make_augment("none") is None
-    same = training.make_augment("rotate", rotation_degrees=0.0)(jax.random.PRNGKey(1), x)
+    assert transforms.make_augment("none") is None
+    same = transforms.make_augment("rotate", rotation_degrees=0.0)(jax.random.PRNGKey(1), x)
     np.testing.assert_allclose(same, x, atol=1e-5)
-    rotated = training.make_augment("rotate", rotation_degrees=30.0)(jax.random.PRNGKey(1), x)
+    rotated = transforms.make_augment("rotate", rotation_degrees=30.0)(jax.random.PRNGKey(1), x)
     assert not np.allclose(rotated, x, atol=1e-2)
-    both = training.make_augment("flip_crop+rotate")(jax.random.PRNGKey(1), x)
+    both = transforms.make_augment("flip_crop+rotate")(jax.random.PRNGKey(1), x)
     assert both.shape == x.shape
     import pytest
 
     with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
-        training.make_augment("flip_crop+blur")
+        transforms.make_augment("flip_crop+blur")
     with pytest.raises(ValueError, match="unknown adversary"):
         training.make_adversary("cw", eps=0.1)
 
