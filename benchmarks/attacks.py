@@ -27,6 +27,8 @@ import time
 
 from absl import app, flags
 
+from robust_jax import xla_defaults
+
 flags.DEFINE_list("checkpoints", ["mnist_basic_cnn", "cifar10_resnet10"], "pretrained checkpoints")
 flags.DEFINE_list("random_init", [], "models with random weights: resnet10_16, resnet10_64")
 flags.DEFINE_list("attacks", ["fgsm", "pgd", "cw_l2", "jsma"], "attacks")
@@ -70,8 +72,8 @@ def _variants(model, eps, bs):
                                                               loop=loop, **kw)
         for attack in FLAGS.attacks:
             if attack == "fgsm":
-                out[f"fgsm/{impl}"] = ("fgsm", None, impl, jax.jit(lambda v, x, y, k, f=f: attacks.fgsm(f(v), x, y,
-                                                                                                        eps=eps)))
+                fgsm = jax.jit(lambda v, x, y, k, f=f: attacks.fgsm(f(v), x, y, key=k, eps=eps))
+                out[f"fgsm/{impl}"] = ("fgsm", None, impl, fgsm)
             elif attack == "pgd":
                 name = f"pgd{FLAGS.pgd_steps}"
                 for loop in FLAGS.loops:
@@ -86,15 +88,15 @@ def _variants(model, eps, bs):
                 from robust_jax.attacks.cw import cw_l2
 
                 out[f"cw_l2/{impl}"] = ("cw_l2", "fori", impl, jax.jit(
-                    lambda v, x, y, k, f=f: cw_l2(f(v), x, y, steps=FLAGS.cw_steps, binary_search_steps=1, lr=0.05,
-                                                  initial_const=1.0, abort_early=False)))
+                    lambda v, x, y, k, f=f: cw_l2(f(v), x, y, key=k, steps=FLAGS.cw_steps, binary_search_steps=1,
+                                                  lr=0.05, initial_const=1.0, loop="fori")))
             elif attack == "jsma":
                 from robust_jax.attacks.jsma import jsma
 
                 for loop in [lp for lp in FLAGS.loops if lp != "python"]:
                     out[f"jsma/{loop}/{impl}"] = ("jsma", loop, impl, jax.jit(
-                        lambda v, x, y, k, f=f, loop=loop: jsma(f(v), x, (y + 1) % 10, theta=1.0, gamma=0.1,
-                                                                loop=loop)))
+                        lambda v, x, y, k, f=f, loop=loop: jsma(f(v), x, (y + 1) % 10, key=k, theta=1.0,
+                                                                gamma=0.1, loop=loop)))
             else:
                 raise ValueError(f"unknown attack {attack!r}")
     return out
@@ -105,7 +107,6 @@ def main(argv):
     import jax
     import numpy as np
 
-    import robust_jax  # noqa: F401 - applies the default XLA flags before JAX initialises
     from benchmarks.common import compile_timed, compiled_flops, environment, interleaved, onednn_environment
     from robust_jax import data, sharding
     from robust_jax.attacks import gradient
@@ -173,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_defaults()  # before JAX initialises its backend
     app.run(main)

@@ -37,11 +37,11 @@ def environment() -> dict:
 def onednn_environment(conv_impls) -> dict:
     """oneDNN version / ISA / threads when a oneDNN ``conv_impl`` is benchmarked (so numbers say which kernels made
     them), or why it is unavailable (then those variants run the fallback convolution); {} otherwise."""
-    from robust_jax import conv
+    from robust_jax import models
 
-    unknown = [i for i in conv_impls if i not in conv.IMPLS]
+    unknown = [i for i in conv_impls if i not in models.CONV_IMPLS]
     if unknown:
-        raise ValueError(f"unknown conv_impls {unknown}; use {conv.IMPLS}")
+        raise ValueError(f"unknown conv_impls {unknown}; use {models.CONV_IMPLS}")
     if not any(i.startswith("onednn") for i in conv_impls):
         return {}
     from robust_jax import onednn

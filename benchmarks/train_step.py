@@ -15,6 +15,8 @@ import json
 
 from absl import app, flags
 
+from robust_jax import xla_defaults
+
 flags.DEFINE_list("models", ["basic_cnn", "allconv", "resnet10_16", "resnet10_64"], "models")
 flags.DEFINE_list("conv_impls", ["custom_vjp", "xla"], "models' conv_impl: custom_vjp | xla | onednn | onednn_bf16")
 flags.DEFINE_integer("batch_size", 128, "batch size")
@@ -35,9 +37,8 @@ def main(argv):
     import jax
     import numpy as np
 
-    import robust_jax  # noqa: F401 - applies the default XLA flags before JAX initialises
     from benchmarks.common import compile_timed, compiled_flops, environment, interleaved, onednn_environment, timeit
-    from robust_jax import models, sharding, training, uncertainty
+    from robust_jax import models, sharding, training, transforms, uncertainty
 
     out = {"benchmark": "train_step", "environment": {**environment(), **onednn_environment(FLAGS.conv_impls)},
            "batch_size": FLAGS.batch_size,
@@ -54,7 +55,7 @@ def main(argv):
             m = models.create({**arch, "conv_impl": impl})
             if state is None:  # the same initial state for every conv_impl (same parameters)
                 state = sharding.replicate(training.create_train_state(m, tx, jax.random.PRNGKey(0), shape))
-            step = training.make_train_step(m, tx, augment_fn=training.flip_crop if shape[-1] == 3 else None,
+            step = training.make_train_step(m, tx, augment_fn=transforms.flip_crop if shape[-1] == 3 else None,
                                             donate=False)
             compiled, compile_s = compile_timed(step, state, x, y)
             runs[impl] = lambda c=compiled: jax.block_until_ready(c(state, x, y))
@@ -84,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_defaults()  # before JAX initialises its backend
     app.run(main)

@@ -50,8 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("custom_vjp", "xla", "onednn", "onednn_bf16")
-
 
 # --------------------------------------------------------------------------------------------------- helpers
 def _channels_last_dn(nd: int) -> lax.ConvDimensionNumbers:
@@ -267,21 +265,3 @@ conv_general_dilated = make_conv_general_dilated()
 conv_general_dilated.__doc__ = """Drop-in for ``jax.lax.conv_general_dilated`` whose VJP is made of ordinary
 channels-last forward convolutions (fast inside XLA:CPU while-loops; see the module docstring). Unsupported
 configurations call ``lax.conv_general_dilated`` directly."""
-
-
-def resolve(impl):
-    """The ``conv_general_dilated`` function for a model's ``conv_impl``: ``"custom_vjp"``, ``"xla"``,
-    ``"onednn"`` / ``"onednn_bf16"`` (opt-in oneDNN kernels on CPU, f32 / bf16 compute with f32 in and out; they fall
-    back to ``"custom_vjp"`` with a one-time warning where oneDNN cannot run, see :mod:`robust_jax.onednn`), or a
-    callable with the signature of ``lax.conv_general_dilated``."""
-    if callable(impl):
-        return impl
-    if impl == "custom_vjp":
-        return conv_general_dilated
-    if impl == "xla":
-        return lax.conv_general_dilated
-    if impl in ("onednn", "onednn_bf16"):
-        from robust_jax import onednn
-
-        return onednn.make_conv_general_dilated(jnp.bfloat16 if impl == "onednn_bf16" else jnp.float32)
-    raise ValueError(f"unknown conv_impl {impl!r}; use one of {IMPLS}")

@@ -17,7 +17,10 @@ The detector's score is ``−energy`` (= T·logsumexp): larger means "more likel
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
+
+from robust_jax import metrics
 
 
 def energy(logits, temperature: float = 1.0):
@@ -43,10 +46,6 @@ def fit_detector(clean_logits, adv_logits, *, temperatures=TEMPERATURES, method:
     (``method="youden"``) or at a target FPR (``method="fpr"``). Returns {temperature, threshold, val_auroc,
     val_auroc_by_temperature}. Apply it unchanged to test data with :func:`detect`.
     """
-    import numpy as np
-
-    from robust_jax import metrics
-
     labels = np.r_[np.zeros(len(clean_logits)), np.ones(len(adv_logits))]
     aurocs = {}
     for t in temperatures:

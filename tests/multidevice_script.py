@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from robust_jax import attacks, models, sharding, training  # noqa: E402
+from robust_jax import attacks, models, runner, sharding, training  # noqa: E402
 
 
 def main():
@@ -32,14 +32,14 @@ def main():
         return attacks.pgd(functools.partial(model.apply, v), xb, yb, key=k, eps=0.3, step_size=0.05, steps=5)
 
     def fgsm(v, xb, yb, k):
-        return attacks.fgsm(functools.partial(model.apply, v), xb, yb, eps=0.1)
+        return attacks.fgsm(functools.partial(model.apply, v), xb, yb, key=k, eps=0.1)
 
     mesh1, mesh4 = sharding.mesh(1), sharding.mesh(4)
     out["shards"] = len(sharding.shard_batch(x[:12], mesh4).addressable_shards)
     for name, attack in [("fgsm", fgsm), ("pgd", pgd)]:
         # batch_size 10 -> chunks padded to 12 on 4 devices (and to 10 on 1): padding must not change results.
-        a1 = attacks.run_attack(attack, variables, x, y, key=key, batch_size=12, progress=False, mesh=mesh1)
-        a4 = attacks.run_attack(attack, variables, x, y, key=key, batch_size=12, progress=False, mesh=mesh4)
+        a1 = runner.run_attack(attack, variables, x, y, key=key, batch_size=12, progress=False, mesh=mesh1)
+        a4 = runner.run_attack(attack, variables, x, y, key=key, batch_size=12, progress=False, mesh=mesh4)
         out[name] = {"max_abs_diff": float(np.abs(a1 - a4).max()),
                      "frac_pixels_differ": float(np.mean(np.abs(a1 - a4) > 1e-6)),
                      "shape_equal": a1.shape == a4.shape}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from robust_jax import data
-from robust_jax.attacks.blackbox import (
+from robust_jax.blackbox import (
     SubstituteCNN,
     blackbox_attack,
     jacobian_augment,

@@ -158,7 +158,7 @@ def test_flax_conv_passes_its_arguments():
 
 def test_unknown_impl():
     with pytest.raises(ValueError, match="conv_impl"):
-        conv.resolve("cudnn")
+        models.resolve_conv("cudnn")
     with pytest.raises(ValueError, match="formulation"):
         conv.make_conv_general_dilated(dx="fft")
     with pytest.raises(ValueError, match="conv_impl"):
@@ -193,7 +193,7 @@ class _TinyNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, mc_dropout: bool = False):
-        Conv = functools.partial(nn.Conv, conv_general_dilated=conv.resolve(self.conv_impl))
+        Conv = functools.partial(nn.Conv, conv_general_dilated=models.resolve_conv(self.conv_impl))
         h = nn.relu(Conv(4, (3, 3), padding=((1, 1), (1, 1)))(x))
         h = nn.Dropout(self.rate, deterministic=not mc_dropout)(h)
         h = nn.relu(Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(h))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from robust_jax import checkpoints, conv, models, onednn
+from robust_jax import checkpoints, models, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
 DN = ("NHWC", "HWIO", "NHWC")
@@ -123,7 +123,7 @@ def test_resnet10_64_layers(xs, ws, s, p):
 def test_vmap_and_jit():
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8, 8, 8))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 8, 4)) * 0.1
-    cg = conv.resolve("onednn")
+    cg = models.resolve_conv("onednn")
     f = lambda x, w: cg(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
     r = _lax((1, 1), "SAME")
     np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, w), jax.jit(jax.vmap(r))(x, w), rtol=1e-5, atol=1e-5)
@@ -191,7 +191,7 @@ def _ce(logits, y):
 def test_unsupported_config_falls_back_to_lax(kw):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
     a = nn.Conv(4, (3, 3), **kw)
-    b = nn.Conv(4, (3, 3), conv_general_dilated=conv.resolve("onednn"), **kw)
+    b = nn.Conv(4, (3, 3), conv_general_dilated=models.resolve_conv("onednn"), **kw)
     v = a.init(jax.random.PRNGKey(1), x)
     onednn._WARNED.clear()
     with warnings.catch_warnings(record=True) as rec:
@@ -228,8 +228,8 @@ def test_bf16_without_native_support_runs_f32(monkeypatch):
     x, w, _ = _data(*SHAPES[1])
     onednn._WARNED.clear()
     with pytest.warns(RuntimeWarning, match="no native bf16"):
-        a = jax.jit(lambda x, w: conv.resolve("onednn_bf16")(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN))(
-            x, w)
+        cg = models.resolve_conv("onednn_bf16")
+        a = jax.jit(lambda x, w: cg(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN))(x, w)
     np.testing.assert_array_equal(a, onednn.conv(x, w, (2, 2), ((1, 1), (1, 1))))
 
 
@@ -238,15 +238,15 @@ def test_non_float32_operands_fall_back():
     w = jnp.ones((3, 3, 2, 2), jnp.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = conv.resolve("onednn")(x, w, (1, 1), "SAME", dimension_numbers=DN)
+        out = models.resolve_conv("onednn")(x, w, (1, 1), "SAME", dimension_numbers=DN)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(out, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
 
 
 def test_impls_and_resolve():
-    assert set(conv.IMPLS) == {"custom_vjp", "xla", "onednn", "onednn_bf16"}
-    assert conv.resolve("onednn") is onednn.make_conv_general_dilated(jnp.float32)
-    assert conv.resolve("onednn_bf16") is onednn.make_conv_general_dilated(jnp.bfloat16)
+    assert set(models.CONV_IMPLS) == {"custom_vjp", "xla", "onednn", "onednn_bf16"}
+    assert models.resolve_conv("onednn") is onednn.make_conv_general_dilated(jnp.float32)
+    assert models.resolve_conv("onednn_bf16") is onednn.make_conv_general_dilated(jnp.bfloat16)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         onednn.make_conv_general_dilated(jnp.float16)
 

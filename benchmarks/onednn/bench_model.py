@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from robust_jax import models, training  # noqa: E402
+from robust_jax import models, training, transforms  # noqa: E402
 from robust_jax import onednn as oc  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main():
             if what == "train":  # SGD-Nesterov + weight decay, flips+crops, BatchNorm in train mode
                 tx = training.make_optimizer("sgd", 0.05, total_steps=1000, weight_decay=5e-4)
                 state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (32, 32, 3))
-                fns[v] = training.make_train_step(m, tx, augment_fn=training.flip_crop, donate=False)
+                fns[v] = training.make_train_step(m, tx, augment_fn=transforms.flip_crop, donate=False)
                 args[v] = (state, x, y)
             else:
                 fns[v] = fwd_input_grad(m)

@@ -2,15 +2,12 @@
 
 Models use it with ``conv_impl="onednn"`` (f32) or ``conv_impl="onednn_bf16"`` (bf16 compute: activations and
 weights are cast to bf16 inside each convolution, oneDNN accumulates in f32, the outputs and both gradients are f32,
-so the parameters and the optimizer stay f32), resolved by :func:`robust_jax.conv.resolve`. Measured on a 2-core
-Zen 5 host (avx512_bf16, no AMX; 1 oneDNN thread; under load), ResNet-10/64 train step at batch 128: ``onednn_bf16``
-2.2-2.4x and ``onednn`` 1.5-1.6x the default ``custom_vjp`` (``benchmarks/results/train_step_zen5_onednn*.json``,
-``benchmarks/onednn/REPORT.md``); CIFAR-10 ResNet-10/16 trained 3 epochs with ``onednn_bf16`` reached the same
-accuracy within 0.6 points (one seed each). Without native bf16
-(AVX512-BF16 or AMX) oneDNN emulates bf16 at 2-2.7x slower than f32, so ``onednn_bf16`` then runs f32. Native bf16
-is not always faster either: on an Emerald Rapids host (AVX512-BF16 at 0.45-0.50x the f32 FLOP rate, no AMX) oneDNN
-bf16 measured 0.9-1.0x XLA f32 — time ``python -m benchmarks.train_step --conv_impls=custom_vjp,onednn,onednn_bf16``
-on your host before choosing.
+so the parameters and the optimizer stay f32), resolved by :func:`robust_jax.models.resolve_conv`. It pays off on
+CPUs with native bf16 (AVX512-BF16 or AMX) that run it faster than f32; without native bf16 oneDNN emulates bf16
+more slowly than f32, so ``onednn_bf16`` then runs f32, and even native bf16 is not faster on every host. Time
+``python -m benchmarks.train_step --conv_impls=custom_vjp,onednn,onednn_bf16`` on your host before choosing; the
+measurements per host (speed, and accuracy of bf16-trained models) are in ``benchmarks/README.md`` and
+``benchmarks/onednn/REPORT.md``.
 
 Requirements: ``pip install 'robust_jax[onednn]'`` (the PyPI wheels ``onednn-cpu-gomp`` + ``onednn-devel-cpu-gomp``,
 oneDNN 3.x with GNU OpenMP; **not** PyPI ``onednn``, a SYCL build), g++ with C++17 and libgomp. The C++ side
@@ -25,13 +22,11 @@ convolution is not one it covers (anything but 2-D NHWC/HWIO f32, no dilation, n
 kernel, or a configuration oneDNN rejects).
 
 Threads (``$ROBUST_JAX_ONEDNN_THREADS``, default 0; :func:`set_threads`): each oneDNN call starts an OpenMP team on
-the XLA thread that calls it. ``0`` means OpenMP's own default (``OMP_NUM_THREADS`` or all cores). Measured on the
-2-core Zen 5 host, ResNet-10/64 train step (``benchmarks/results/train_step_zen5_onednn_quiet*.json``): on a quiet
-machine 2 threads are best (``onednn_bf16`` 230 img/s vs 150 with 1 thread; default ``custom_vjp`` 116-124), but
-with another job on the other core 2 threads oversubscribe and bf16 backward-weights collapses (13 vs 233 GFLOP/s;
-train step 26 vs 126 img/s), so set ``ROBUST_JAX_ONEDNN_THREADS=1`` (or fewer threads than free cores) when the
-machine is shared. The count is applied per calling thread on the C++ side (``omp_set_num_threads`` before every
-primitive creation and execution), so it takes effect whenever it is set, even after libgomp is loaded.
+the XLA thread that calls it. ``0`` means OpenMP's own default (``OMP_NUM_THREADS`` or all cores), the fastest on a
+quiet machine; when other jobs share the cores, the team oversubscribes them (bf16 backward-weights suffers most,
+``benchmarks/README.md``), so set ``ROBUST_JAX_ONEDNN_THREADS=1`` (or fewer threads than free cores) there. The
+count is applied per calling thread on the C++ side (``omp_set_num_threads`` before every primitive creation and
+execution), so it takes effect whenever it is set, even after libgomp is loaded.
 
 Limitations: no forward-mode autodiff (a ``jax.custom_vjp``); ``jax.vmap`` runs the batch sequentially; only
 first-order gradients (the backward is an FFI call, not differentiable again); XLA has no partitioning rule for the
@@ -55,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from robust_jax import conv as conv_lib
 
 _SRC = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = ("onednn_conv_fwd", "onednn_conv_bwd_data", "onednn_conv_bwd_weights")
@@ -300,8 +297,6 @@ def conv(x, w, strides=(1, 1), padding="SAME", compute_dtype=jnp.float32):
 def _plan(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
           batch_group_count, preferred_element_type):
     """(strides, pads) if oneDNN covers this convolution, else (None, reason)."""
-    from robust_jax import conv as conv_lib
-
     if getattr(lhs, "ndim", None) != 4:
         return None, "only 2-D (rank-4) convolutions"
     if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
@@ -326,8 +321,6 @@ def make_conv_general_dilated(dtype=jnp.float32):
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                              preferred_element_type=None):
-        from robust_jax import conv as conv_lib
-
         args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                 feature_group_count, batch_group_count, precision, preferred_element_type)
         reason = unavailable_reason()

@@ -3,7 +3,7 @@
 python tools/xla_bf16_dot.py [--n 2048] [--batch 128] [--reps 9] [--json out.json]
 
 Variants per op: ``f32`` (f32 in, f32 out), ``bf16_f32acc`` (bf16 in, ``preferred_element_type=f32``), ``bf16``
-(bf16 in, bf16 out). XLA_FLAGS are the library defaults: importing robust_jax adds
+(bf16 in, bf16 out). XLA_FLAGS are the library defaults: ``robust_jax.xla_defaults()`` adds
 --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce unless XLA_FLAGS already chooses a fusion type (pass
 ``ROBUST_JAX_XLA_DEFAULTS=0`` or your own XLA_FLAGS to compare). Prints GFLOP/s (median over reps) as JSON, plus
 the dot/convolution/custom-call lines of the optimized HLO, so one can see whether bf16 reaches the kernel as bf16
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import robust_jax  # noqa: F401  (sets the default XLA_FLAGS; JAX reads them when its backend starts, on first use)
+from robust_jax import xla_defaults
 
 VARIANTS = {"f32": (jnp.float32, None), "bf16_f32acc": (jnp.bfloat16, jnp.float32), "bf16": (jnp.bfloat16, None)}
 
@@ -102,4 +102,5 @@ def main():
 
 
 if __name__ == "__main__":
+    xla_defaults()  # JAX reads XLA_FLAGS when its backend starts, on first use
     main()

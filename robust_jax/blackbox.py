@@ -3,6 +3,9 @@
 N. Papernot, P. McDaniel, I. Goodfellow, S. Jha, Z. B. Celik, A. Swami, "Practical Black-Box Attacks against
 Machine Learning", ASIA CCS 2017 (arXiv:1602.02697).
 
+Host-side evaluation, not a pure attack: it trains a model (:mod:`robust_jax.training`) in a Python loop with a
+numpy RNG and queries the oracle on the host, so it sits above training, outside :mod:`robust_jax.attacks`.
+
 The attacker sees only the *labels* the target model (the oracle) gives to inputs it chooses. Starting from a
 small holdout set ``S_0`` (the paper: 150 MNIST test images, excluded from the evaluation), each substitute
 training round ``r = 0, …, rounds``
@@ -26,7 +29,7 @@ substitute's test accuracy *fall* over the rounds (0.83 -> 0.75) while ``tau=3``
 The paper writes the Jacobian of the substitute's output ``F``; here the sign of the gradient of the substitute's
 *logit* of the oracle label is used.
 
-Adversarial examples are then crafted on the substitute (FGSM or PGD from :mod:`robust_jax.attacks.gradient`)
+Adversarial examples are then crafted on the substitute (FGSM or PGD from :mod:`robust_jax.attacks`)
 and *transferred*: the oracle's accuracy on them measures the attack. The oracle is a callable
 ``oracle(x) -> integer labels`` (for example :func:`label_oracle` around a checkpoint); its outputs are checked to
 be integer labels, and nothing differentiates through it (it may be plain numpy).
@@ -46,8 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_jax import sharding, training
-from robust_jax.attacks._core import check_inputs
-from robust_jax.attacks.gradient import fgsm, pgd
+from robust_jax.attacks import check_inputs, fgsm, pgd
 from robust_jax.models import _normalise, logits_of
 
 CRAFTS = ("fgsm", "pgd")
@@ -108,7 +110,8 @@ class Substitute:
         return lambda x: logits_of(self.model.apply(self.variables, x))
 
     def __call__(self, x, batch_size: int = 500):
-        return training.predict_logits(self._predict, self.variables, np.asarray(x, np.float32), batch_size)
+        return sharding.run_sharded(functools.partial(self._predict, self.variables), np.asarray(x, np.float32),
+                                    batch_size=batch_size)
 
 
 # -------------------------------------------------------------------------------------------------- the oracle
@@ -245,7 +248,7 @@ def train_substitute(
     oracle_eval = None if x_eval is None else query_oracle(oracle, np.asarray(x_eval, np.float32), num_classes)
 
     tx, init, train_step, augment, predict_fn = _compiled(model, float(lr), tuple(x_set.shape[1:]))
-    labels_of = lambda v, x: training.predict_logits(predict_fn, v, x, 500).argmax(-1)
+    labels_of = lambda v, x: sharding.run_sharded(functools.partial(predict_fn, v), x, batch_size=500).argmax(-1)
     k_init, k_data = jax.random.split(key)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_data)))
     state = init(k_init)
@@ -355,7 +358,7 @@ def blackbox_attack(
     def craft_fn(v, x, y, k):
         f = lambda z: model.apply(v, z)
         if craft == "fgsm":
-            return fgsm(f, x, y, eps=eps)
+            return fgsm(f, x, y, key=k, eps=eps)
         return pgd(f, x, y, key=k, eps=eps, step_size=step_size, steps=pgd_steps)
 
     craft_jit = jax.jit(craft_fn)
