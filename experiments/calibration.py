@@ -20,21 +20,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
-flags.DEFINE_string("dataset", "cifar10", "cifar10")
-flags.DEFINE_list("models", None, "models (default: every available regime in experiments/regimes.py)")
-flags.DEFINE_list("perturbations", None, "perturbations (default: all of PERTURBATIONS)")
-flags.DEFINE_integer("num_examples", 2000, "N test images (the first N of the test split)")
-flags.DEFINE_integer("num_val", 2000, "validation images for the temperature fit")
-flags.DEFINE_integer("num_bins", 15, "ECE bins")
-flags.DEFINE_integer("batch_size", 500, "batch size")
-flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)")
-flags.DEFINE_string("out_dir", None, "output dir (default results/calibration/<dataset>)")
-FLAGS = flags.FLAGS
+from experiments import cli
+from experiments.regimes import REGIMES
 
 # name -> ("pgd", eps) or (spatial family, limits)
 PERTURBATIONS = {
@@ -48,7 +38,19 @@ PERTURBATIONS = {
     "noise_0.1": ("noise_fixed", 0.1),
     "blur": ("blur", {"length": 9.0}),
 }
-TEMPERATURES = [0.5 + 0.05 * i for i in range(51)]  # grid for the temperature fit (0.5 .. 3.0)
+cli.dataset("cifar10", REGIMES, "dataset (its training regimes are experiments/regimes.py's)")
+cli.names("models", None, sorted({n for r in REGIMES.values() for n in r}),
+          "models (default: every regime whose checkpoint is available)")
+cli.names("perturbations", None, PERTURBATIONS, "perturbations (default: all)")
+cli.count("num_examples", 2000, "N test images (the first N of the test split)")
+cli.count("num_val", 2000, "validation images for the temperature fit")
+cli.count("num_bins", 15, "ECE bins", lower=2)
+cli.batch_size(500)
+cli.seed()
+cli.data_dir()
+cli.out_dir("calibration")
+cli.validate(["dataset", "models"], lambda v: _regimes_problem(v["dataset"], v["models"]))
+FLAGS = flags.FLAGS
 
 
 def perturb(m, name: str, x, y, key, batch_size: int):
@@ -58,7 +60,7 @@ def perturb(m, name: str, x, y, key, batch_size: int):
     import jax
     import numpy as np
 
-    from robust_jax import attacks, transforms
+    from robust_jax import attacks, runner, transforms
     from robust_jax.attacks import spatial
 
     spec = PERTURBATIONS[name]
@@ -67,44 +69,15 @@ def perturb(m, name: str, x, y, key, batch_size: int):
     kind, arg = spec
     if kind == "pgd":
         steps = 10
-        return attacks.run_attack(lambda v, a, b, k: attacks.pgd(functools.partial(m.apply, v), a, b, key=k, eps=arg,
-                                                                 step_size=2.5 * arg / steps, steps=steps),
-                                  m.variables, x, y, key=key, batch_size=batch_size, desc=name)
+        return runner.run_attack(lambda v, a, b, k: attacks.pgd(functools.partial(m.apply, v), a, b, key=k, eps=arg,
+                                                                step_size=2.5 * arg / steps, steps=steps),
+                                 m.variables, x, y, key=key, batch_size=batch_size, desc=name)
     if kind == "noise_fixed":
         return np.asarray(transforms.gaussian_noise(jax.numpy.asarray(x), arg, key))
     fam = spatial.family(kind, **arg)
     params = fam.sample(key, len(x))
     return np.concatenate([np.asarray(fam.apply(jax.numpy.asarray(x[i:i + batch_size]), params[i:i + batch_size],
                                                 None)) for i in range(0, len(x), batch_size)])
-
-
-def logits_of(m, x, batch_size: int):
-    import numpy as np
-
-    return np.concatenate([np.asarray(m(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
-
-
-def fit_temperature(logits, labels) -> float:
-    """The grid temperature minimising the NLL of softmax(logits / T)."""
-    import numpy as np
-
-    from robust_jax.metrics import nll
-
-    return float(TEMPERATURES[int(np.argmin([nll(logits / t, labels) for t in TEMPERATURES]))])
-
-
-def calibration_row(logits, labels, temperature: float, num_bins: int) -> dict:
-    import numpy as np
-    from scipy.special import softmax
-
-    from robust_jax import metrics
-
-    p, pt = softmax(logits, -1), softmax(logits / temperature, -1)
-    rel = metrics.reliability(p, labels, num_bins)
-    return {"accuracy": float(np.mean(p.argmax(-1) == labels)), "confidence": float(p.max(-1).mean()),
-            "ece": metrics.ece(p, labels, num_bins), "ece_adaptive": metrics.ece(p, labels, num_bins, adaptive=True),
-            "nll": metrics.nll(logits, labels), "ece_temperature_scaled": metrics.ece(pt, labels, num_bins),
-            "reliability": {k: v.tolist() for k, v in rel.items()}}
 
 
 def verdicts(results: dict, perturbations) -> list[str]:
@@ -130,82 +103,104 @@ def verdicts(results: dict, perturbations) -> list[str]:
     return out
 
 
+def _regimes_problem(ds, names):
+    from experiments.regimes import problem
+
+    return problem(ds, names)
+
+
+def label(p: str) -> str:
+    """A perturbation as the figures name it (``PGD-10 8/255``, ``noise σ=0.1``)."""
+    from robust_jax.plotting import eps_label
+
+    spec = PERTURBATIONS[p]
+    if spec and spec[0] == "pgd":
+        return f"PGD-10 {eps_label(spec[1])}"
+    return f"noise σ={spec[1]:g}" if spec and spec[0] == "noise_fixed" else p
+
+
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
-    from experiments.regimes import REGIMES, load_models, series
-    from robust_jax import data, plotting
+    from experiments.regimes import load_models, series
+    from robust_jax import data, metrics
 
-    ds = FLAGS.dataset
-    perts = FLAGS.perturbations or list(PERTURBATIONS)
-    unknown = sorted(set(perts) - set(PERTURBATIONS))
-    if unknown:
-        raise app.UsageError(f"unknown perturbations {unknown}; choose from {list(PERTURBATIONS)}")
-    if ds not in REGIMES or set(FLAGS.models or ()) - set(REGIMES[ds]):
-        raise app.UsageError(f"--dataset / --models: regimes are {REGIMES} (got {ds!r}, {FLAGS.models})")
-    t0 = time.time()
+    started = time.time()
+    ds, perts = FLAGS.dataset, FLAGS.perturbations or list(PERTURBATIONS)
     models = load_models(ds, FLAGS.models)
     sp = data.splits(ds)
     x, y = data.load(ds, f"{sp['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
-    xv, yv = data.load(ds, sp["val"], data_dir=FLAGS.data_dir)
-    xv, yv = xv[:FLAGS.num_val], yv[:FLAGS.num_val]
+    xv, yv = data.load(ds, data.head(ds, sp["val"], FLAGS.num_val), data_dir=FLAGS.data_dir)  # first num_val of val
     x, xv = data.to_float(x), data.to_float(xv)
-    print(f"calibration: {ds}, models {list(models)}, perturbations {perts}, N={len(x)}, val N={len(xv)}, "
-          f"{FLAGS.num_bins} bins, seed={FLAGS.seed}, devices={jax.device_count()}")
-    out = Path(FLAGS.out_dir or f"results/calibration/{ds}")
-    (out / "evals").mkdir(parents=True, exist_ok=True)
+    cli.say(f"calibration: {ds}, models {list(models)}, perturbations {perts}, N={len(x)}, val N={len(xv)}, "
+            f"{FLAGS.num_bins} bins, seed={FLAGS.seed}, devices={jax.device_count()}")
+    out = cli.output_folder(FLAGS.out_dir, f"results/calibration/{ds}")
+    (out / "evals").mkdir(exist_ok=True)
     # per-model cache (resumable): valid for these settings; a perturbation's key depends only on its name
-    settings = {"num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins, "seed": FLAGS.seed}
+    record = {"num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins, "seed": FLAGS.seed}
     results, temps = {}, {}
     for name, m in models.items():
         path = out / "evals" / f"{name}.json"
         cached = json.loads(path.read_text()) if path.is_file() else {}
-        if cached.get("settings") != settings:
-            cached = {}
-        temps[name] = cached.get("temperature") or fit_temperature(logits_of(m, xv, FLAGS.batch_size), yv)
+        cached = cached if cached.get("settings") == record else {}
+        temps[name] = cached.get("temperature") or metrics.fit_temperature(m.predict(xv, FLAGS.batch_size), yv)
         rows = cached.get("rows", {})
         for p in perts:
             if p not in rows:
                 k = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), list(PERTURBATIONS).index(p))
-                xp = perturb(m, p, x, y, k, FLAGS.batch_size)
-                rows[p] = calibration_row(logits_of(m, xp, FLAGS.batch_size), y, temps[name], FLAGS.num_bins)
-                path.write_text(json.dumps({"settings": settings, "temperature": temps[name], "rows": rows}))
+                logits = m.predict(perturb(m, p, x, y, k, FLAGS.batch_size), FLAGS.batch_size)
+                rows[p] = metrics.calibration_report(logits, y, temperature=temps[name], num_bins=FLAGS.num_bins)
+                path.write_text(json.dumps({"settings": record, "temperature": temps[name], "rows": rows}))
         results[name] = {p: rows[p] for p in perts}
-        print(f"{name} (T={temps[name]:.2f}): " + ", ".join(f"{p} ECE {100 * r['ece']:.1f}%"
-                                                           for p, r in results[name].items()))
-    plotting.reliability_grid({n: {p: {**v["reliability"], "ece": v["ece"]} for p, v in r.items()}
-                               for n, r in results.items()}, out / "reliability.png",
-                              title=f"{ds}: reliability (15 equal-width bins), rows = models")
-    lines = [f"# Calibration under perturbations ({ds}, N={len(x)}, {FLAGS.num_bins}-bin top-label ECE, %)", "",
-             "Each cell: ECE / ECE after temperature scaling (T fitted per model on clean validation data) / "
-             "accuracy.", "", "| model | T | " + " | ".join(perts) + " |", "|---" * (len(perts) + 2) + "|"]
-    for n, r in results.items():
-        cells = [f"{100 * r[p]['ece']:.1f} / {100 * r[p]['ece_temperature_scaled']:.1f} / {100 * r[p]['accuracy']:.0f}"
-                 for p in perts]
-        lines.append(f"| {n} | {temps[n]:.2f} | " + " | ".join(cells) + " |")
+        cli.say(f"{name} (T={temps[name]:.2f}): " + ", ".join(f"{p} ECE {100 * r['ece']:.1f}%"
+                                                             for p, r in results[name].items()))
     curves = series(ds, results)
-    if curves:
-        plotting.panels([(strengths, {p: [results[n][p]["ece"] for n in names] for p in perts}, label, names)
-                         for label, (strengths, names) in curves.items()], out / "ece_vs_strength.png",
-                        ylabel=f"ECE ({FLAGS.num_bins} bins)", title=f"{ds}: calibration along each training knob")
-    lines += ["", "The deck's claims, checked:", "", *verdicts(results, perts)]
-    for label, (strengths, names) in curves.items():
-        lines += ["", f"ECE (%, raw / temperature-scaled) along {label} "
-                  f"({', '.join(f'{n} {s:g}' for n, s in zip(names, strengths))}):"]
-        lines += [f"- {p}: " + " → ".join(f"{100 * results[n][p]['ece']:.1f}" for n in names) + " / "
-                  + " → ".join(f"{100 * results[n][p]['ece_temperature_scaled']:.1f}" for n in names) for p in perts]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    figures = make_figures(ds, results, curves, perts, len(x), out)
+    (out / "results.md").write_text(markdown(ds, results, temps, curves, perts, len(x)))
     cards = {n: {k: m.card.get(k) for k in ("name", "test_accuracy", "val_accuracy")} for n, m in models.items()}
     (out / "results.json").write_text(json.dumps(
         {"dataset": ds, "num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins, "seed": FLAGS.seed,
          "perturbations": {p: PERTURBATIONS[p] for p in perts}, "models": cards, "temperatures": temps,
          "series": {k: {"strength": st, "models": nm} for k, (st, nm) in curves.items()},
-         "results": results, "seconds": time.time() - t0}, indent=1))
-    print("\n".join(lines))
-    print(f"wrote {out} in {time.time() - t0:.0f} s")
+         "results": results, "seconds": time.time() - started}, indent=1))
+    cli.finish(out, [f"{n} (T={temps[n]:.2f}): ECE " + ", ".join(f"{p} {100 * r[p]['ece']:.1f}%" for p in perts)
+                     for n, r in results.items()], started=started,
+               files=["results.md", "results.json", "evals/", *figures])
+
+
+def make_figures(ds, results, curves, perts, n, out) -> list[str]:
+    """Reliability diagrams (rows: models, columns: perturbations) and ECE along each training knob."""
+    from robust_jax import plotting
+
+    files = [plotting.reliability_grid(
+        {m: {label(p): {**v["reliability"], "ece": v["ece"]} for p, v in r.items()} for m, r in results.items()},
+        out / "reliability.png", title=f"{ds}, N={n} test images per panel: reliability ({FLAGS.num_bins} equal-width "
+        "bins), rows = models")]
+    if curves:
+        files.append(plotting.panels(
+            [(strengths, {label(p): [results[m][p]["ece"] for m in names] for p in perts}, knob, names)
+             for knob, (strengths, names) in curves.items()], out / "ece_vs_strength.png",
+            ylabel=f"ECE ({FLAGS.num_bins} bins)", title=f"{ds}, N={n}: calibration along each training knob"))
+    return [f.name for f in files]
+
+
+def markdown(ds, results, temps, curves, perts, n) -> str:
+    lines = [f"# Calibration under perturbations ({ds}, N={n}, {FLAGS.num_bins}-bin top-label ECE, %)", "",
+             "Each cell: ECE / ECE after temperature scaling (T fitted per model on clean validation data) / "
+             "accuracy.", "", "| model | T | " + " | ".join(perts) + " |", "|---" * (len(perts) + 2) + "|"]
+    for m, r in results.items():
+        cells = [f"{100 * r[p]['ece']:.1f} / {100 * r[p]['ece_temperature_scaled']:.1f} / {100 * r[p]['accuracy']:.0f}"
+                 for p in perts]
+        lines.append(f"| {m} | {temps[m]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "The deck's claims, checked:", "", *verdicts(results, perts)]
+    for knob, (strengths, names) in curves.items():
+        lines += ["", f"ECE (%, raw / temperature-scaled) along {knob} "
+                  f"({', '.join(f'{m} {st:g}' for m, st in zip(names, strengths))}):"]
+        lines += [f"- {p}: " + " → ".join(f"{100 * results[m][p]['ece']:.1f}" for m in names) + " / "
+                  + " → ".join(f"{100 * results[m][p]['ece_temperature_scaled']:.1f}" for m in names) for p in perts]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

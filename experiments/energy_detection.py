@@ -13,37 +13,41 @@ from __future__ import annotations
 import functools
 import json
 import time
-from pathlib import Path
+import types
 
-from absl import app, flags, logging
+from absl import flags
 
-flags.DEFINE_string("dataset", "cifar10", "cifar10 | mnist")
-flags.DEFINE_string("checkpoint", None, "checkpoint name (default: cifar10_resnet10 / mnist_basic_cnn)")
-flags.DEFINE_string("conv_impl", None, "convolution kernels for the checkpoint's model (default: custom_vjp); "
-                    "onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md")
-flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)")
-flags.DEFINE_integer("num_examples", 500, "test examples (the first N of the test split)")
-flags.DEFINE_integer("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
-flags.DEFINE_float("eps", None, "Linf budget (default 8/255 for cifar10, 0.3 for mnist)")
-flags.DEFINE_float("big_eps", None, "second, larger budget for PGD-50 (default 16/255 / 0.4)")
-flags.DEFINE_float("step_size", None, "PGD step size (default eps/4)")
-flags.DEFINE_list("steps", ["0", "5", "10", "20", "30", "50"], "PGD step counts for the energy curve")
-flags.DEFINE_list("detector_steps", ["5", "10", "30", "50"], "PGD step counts for the detector table")
-flags.DEFINE_integer("fixed_steps", 30, "the deployed detector is fitted on PGD with this many steps")
-flags.DEFINE_list("lams", ["0.1", "0.3", "1", "3", "10"], "LE-PGD lambdas")
-flags.DEFINE_integer("le_steps", 30, "LE-PGD steps")
-flags.DEFINE_enum("threshold", "youden", ["youden", "fpr"], "threshold rule (fitted on validation)")
-flags.DEFINE_float("target_fpr", 0.01, "target FPR for --threshold=fpr")
-flags.DEFINE_integer("batch_size", 250, "attack batch size")
-flags.DEFINE_integer("seed", 0, "PRNG seed for the attacks")
-flags.DEFINE_string("out_dir", None, "output dir (default results/energy_detection/<dataset>)")
-flags.DEFINE_integer("mc_num_examples", 100, "MC-dropout comparison: N test and N validation examples (0 = skip; "
-                     "200 adds ~1.5 min)")
-flags.DEFINE_integer("mc_samples", 8, "MC-dropout comparison: dropout masks per prediction and per EOT attack step")
-flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda")
-FLAGS = flags.FLAGS
+from experiments import cli
+from robust_jax.models import CONV_IMPLS
 
 DEFAULTS = {"cifar10": ("cifar10_resnet10", 8 / 255, 16 / 255), "mnist": ("mnist_basic_cnn", 0.3, 0.4)}
+cli.dataset("cifar10", DEFAULTS, "dataset; sets the default checkpoint and budgets (cifar10: cifar10_resnet10, eps "
+            "8/255, big_eps 16/255; mnist: mnist_basic_cnn, 0.3, 0.4)")
+cli.checkpoint({d: v[0] for d, v in DEFAULTS.items()})
+flags.DEFINE_enum("conv_impl", None, CONV_IMPLS, "convolution kernels for the checkpoint's model (default: "
+                  "custom_vjp); onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md")
+cli.data_dir()
+cli.count("num_examples", 500, "test examples (the first N of the test split)")
+cli.count("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
+cli.eps("eps", None, "PGD / LE-PGD Linf budget (default per --dataset: 8/255 cifar10, 0.3 mnist)")
+cli.eps("big_eps", None, "second, larger budget for PGD-50 (default per --dataset: 16/255 cifar10, 0.4 mnist)")
+cli.eps("step_size", None, "PGD step size (default eps/4)")
+cli.int_list("steps", [0, 5, 10, 20, 30, 50], "PGD step counts for the energy curve")
+cli.int_list("detector_steps", [5, 10, 30, 50], "PGD step counts for the detector table", lower=1)
+cli.count("fixed_steps", 30, "the deployed detector is fitted on PGD with this many steps")
+cli.float_list("lams", [0.1, 0.3, 1.0, 3.0, 10.0], "LE-PGD lambdas")
+cli.count("le_steps", 30, "LE-PGD steps")
+flags.DEFINE_enum("threshold", "youden", ["youden", "fpr"], "threshold rule (fitted on validation)")
+flags.DEFINE_float("target_fpr", 0.01, "target FPR for --threshold=fpr", lower_bound=0.0, upper_bound=1.0)
+cli.batch_size(250, "attack batch size")
+cli.seed()
+cli.out_dir("energy_detection")
+cli.count("mc_num_examples", 100, "MC-dropout comparison: N test and N validation examples (0 = skip; 200 adds "
+          "~1.5 min)", lower=0)
+cli.count("mc_samples", 8, "MC-dropout comparison: dropout masks per prediction and per EOT attack step")
+flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda", lower_bound=0.0)
+FLAGS = flags.FLAGS
+
 # The checkpoints' convolutions have a custom VJP (robust_jax.conv), so a rolled loop runs as fast as an unrolled one
 # on CPU and compiles in constant time (benchmarks/README.md): the 30- and 50-step attacks here compile in seconds.
 LOOP = "fori"
@@ -52,189 +56,194 @@ DECK = {"pgd5": (83, 19, 17), "pgd10": (93, 4, 7), "pgd30": (98, 1, 2), "pgd50":
         "pgd50_big": (99, 0.02, 0.1)}
 MC_DROPOUT = {"cifar10": "cifar10_allconv", "mnist": "mnist_basic_cnn"}  # issue 4's epistemic (dropout) models
 DECK_CONFUSION = {"TN": 98.78, "FP": 1.22, "FN": 2.14, "TP": 97.86, "accuracy_TN": 83.83}
+EVADED = 0.05  # the headline LE-PGD lambda: the smallest at which the deployed detector flags fewer than 5%
+
+
+def settings() -> types.SimpleNamespace:
+    """The validated flags with the per-dataset defaults filled in."""
+    ckpt, eps_default, big_default = DEFAULTS[FLAGS.dataset]
+    eps = FLAGS.eps if FLAGS.eps is not None else eps_default
+    cli.require(eps > 0, f"--eps={FLAGS.eps}: the attacks need a budget > 0")
+    return types.SimpleNamespace(
+        dataset=FLAGS.dataset, checkpoint=FLAGS.checkpoint or ckpt, eps=eps,
+        big_eps=FLAGS.big_eps if FLAGS.big_eps is not None else big_default, step_size=FLAGS.step_size or eps / 4,
+        curve_steps=sorted(set(FLAGS.steps) | {0}), det_steps=sorted(FLAGS.detector_steps),
+        lams=sorted(FLAGS.lams), fixed=FLAGS.fixed_steps)
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from robust_jax import checkpoints, data
+
+    started = time.time()
+    s = settings()
+    m = checkpoints.load(s.checkpoint, conv_impl=FLAGS.conv_impl)
+    sp = data.splits(s.dataset)
+    x_test, y_test = data.load(s.dataset, f"{sp['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
+    x_val, y_val = data.load(s.dataset, data.head(s.dataset, sp["val"], FLAGS.num_val), data_dir=FLAGS.data_dir)
+    x_test, x_val = data.to_float(x_test), data.to_float(x_val)
+    cli.say(f"energy_detection: {s.dataset}, checkpoint {s.checkpoint} (test acc {m.card['test_accuracy']:.4f}), "
+            f"N_test={len(x_test)}, N_val={len(x_val)}, eps={_eps(s.eps)}, step={_eps(s.step_size)}, "
+            f"seed={FLAGS.seed}, devices={jax.device_count()}")
+
+    key = jax.random.PRNGKey(FLAGS.seed)
+    logits, seconds = attack_logits(m, s, x_test, y_test, x_val, y_val, key)
+    results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count()),
+               **analyse(s, logits, y_test)}
+    if FLAGS.mc_num_examples > 0 and MC_DROPOUT[s.dataset] in checkpoints.available():
+        t = time.time()
+        results["mc_dropout"] = mc_dropout_detection(s, x_val, y_val, x_test, y_test, jax.random.fold_in(key, 6))
+        seconds["mc_dropout"] = time.time() - t
+    else:
+        results["mc_dropout"] = f"not run: checkpoint {MC_DROPOUT[s.dataset]} absent or --mc_num_examples=0"
+    seconds["total"] = time.time() - started
+    results["seconds"] = seconds
+
+    out = cli.output_folder(FLAGS.out_dir, f"results/energy_detection/{s.dataset}")
+    figures = make_figures(s, logits, results, y_test, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "results.md").write_text(markdown(results, figures))
+    cli.finish(out, summary(results), started=started, files=["results.md", "results.json", *figures])
+
+
+def attack_logits(m, s, x_test, y_test, x_val, y_val, key):
+    """Logits after every attack: {"test"/"val": {steps: PGD logits (0 = clean)}, "test_big"/"val_big": PGD at
+    big_eps, "le": {lam: LE-PGD logits on test}}, and the seconds each family took."""
     import jax
     import numpy as np
 
-    from robust_jax import attacks, checkpoints, data, energy, metrics, plotting
+    from robust_jax import attacks, runner
 
-    t_start = time.time()
-    ds = FLAGS.dataset
-    if ds not in DEFAULTS:
-        raise app.UsageError(f"--dataset must be one of {sorted(DEFAULTS)}")
-    ckpt_name, eps_default, big_default = DEFAULTS[ds]
-    ckpt_name = FLAGS.checkpoint or ckpt_name
-    eps = FLAGS.eps if FLAGS.eps is not None else eps_default
-    big_eps = FLAGS.big_eps if FLAGS.big_eps is not None else big_default
-    step_size = FLAGS.step_size or eps / 4
-    n, n_val = FLAGS.num_examples, FLAGS.num_val
-    out = Path(FLAGS.out_dir or f"results/energy_detection/{ds}")
-    out.mkdir(parents=True, exist_ok=True)
-    curve_steps = sorted({int(s) for s in FLAGS.steps} | {0})
-    det_steps = sorted(int(s) for s in FLAGS.detector_steps)
-    snap_steps = sorted(set(curve_steps) | set(det_steps) | {FLAGS.fixed_steps})
-    lams = [float(v) for v in FLAGS.lams]
-
-    m = checkpoints.load(ckpt_name, conv_impl=FLAGS.conv_impl)
-    sp = data.splits(ds)
-    x_test, y_test = data.load(ds, f"{sp['test']}[:{n}]", data_dir=FLAGS.data_dir)
-    x_val, y_val = data.load(ds, sp["val"], data_dir=FLAGS.data_dir)
-    x_val, y_val = x_val[:n_val], y_val[:n_val]
-    x_test, x_val = data.to_float(x_test), data.to_float(x_val)
-    print(f"energy_detection: {ds}, checkpoint {ckpt_name} (test acc {m.card['test_accuracy']:.4f}), "
-          f"N_test={len(x_test)}, N_val={len(x_val)}, eps={eps:.4f}, step={step_size:.4f}, seed={FLAGS.seed}, "
-          f"devices={jax.device_count()}")
-
-    def logits_after(variables, x_adv):
-        return m.apply(variables, x_adv)
-
-    def pgd_attack(eps_, steps_):
+    def pgd(eps_, steps_):  # one trajectory, logits at every snapshot; compiled once per budget
         def attack(v, x, y, k):
-            f = functools.partial(m.apply, v)
-            snaps = attacks.pgd_snapshots(f, x, y, key=k, eps=eps_, step_size=step_size * eps_ / eps,
-                                          snapshots=steps_, loop=LOOP)
-            return {s: logits_after(v, xa) for s, xa in snaps.items()}
+            snaps = attacks.pgd_snapshots(functools.partial(m.apply, v), x, y, key=k, eps=eps_,
+                                          step_size=s.step_size * eps_ / s.eps, snapshots=steps_, loop=LOOP)
+            return {n: m.apply(v, xa) for n, xa in snaps.items()}
         return attack
 
-    def le_attack(v_lam, x, y, k):  # lambda is traced: one compilation for the whole sweep
+    def le_pgd(v_lam, x, y, k):  # lambda is traced: one compilation for the whole sweep
         v, lam = v_lam
-        xa = attacks.le_pgd(functools.partial(m.apply, v), x, y, key=k, eps=eps, step_size=step_size,
+        xa = attacks.le_pgd(functools.partial(m.apply, v), x, y, key=k, eps=s.eps, step_size=s.step_size,
                             steps=FLAGS.le_steps, lam=lam, loop=LOOP)
-        return logits_after(v, xa)
+        return m.apply(v, xa)
 
-    key = jax.random.PRNGKey(FLAGS.seed)
-    run = functools.partial(attacks.run_attack, batch_size=FLAGS.batch_size)
-    timings = {}
-    t = time.time()
-    pgd_main, pgd_big = pgd_attack(eps, snap_steps), pgd_attack(big_eps, (max(det_steps),))  # compiled once each
-    test_logits = run(pgd_main, m.variables, x_test, y_test, key=jax.random.fold_in(key, 1),
-                      desc=f"PGD test eps={eps:.3f}")
-    val_logits = run(pgd_main, m.variables, x_val, y_val, key=jax.random.fold_in(key, 2),
-                     desc=f"PGD val eps={eps:.3f}")
-    timings["pgd"] = time.time() - t
-    t = time.time()
-    big_steps = max(det_steps)
-    test_big = run(pgd_big, m.variables, x_test, y_test, key=jax.random.fold_in(key, 3),
-                   desc=f"PGD test eps={big_eps:.3f}")[big_steps]
-    val_big = run(pgd_big, m.variables, x_val, y_val, key=jax.random.fold_in(key, 4),
-                  desc=f"PGD val eps={big_eps:.3f}")[big_steps]
-    timings["pgd_big_eps"] = time.time() - t
-    t = time.time()
-    le_logits = {lam: run(le_attack, (m.variables, np.float32(lam)), x_test, y_test,
-                          key=jax.random.fold_in(key, 5), desc=f"LE-PGD lam={lam}") for lam in lams}
-    timings["le_pgd"] = time.time() - t
+    run = functools.partial(runner.run_attack, batch_size=FLAGS.batch_size)
+    main_pgd = pgd(s.eps, sorted(set(s.curve_steps) | set(s.det_steps) | {s.fixed}))
+    big, big_pgd = max(s.det_steps), pgd(s.big_eps, (max(s.det_steps),))
+    out, seconds, t = {}, {}, time.time()
+    out["test"] = run(main_pgd, m.variables, x_test, y_test, key=jax.random.fold_in(key, 1),
+                      desc=f"PGD test eps={_eps(s.eps)}")
+    out["val"] = run(main_pgd, m.variables, x_val, y_val, key=jax.random.fold_in(key, 2),
+                     desc=f"PGD val eps={_eps(s.eps)}")
+    seconds["pgd"], t = time.time() - t, time.time()
+    out["test_big"] = run(big_pgd, m.variables, x_test, y_test, key=jax.random.fold_in(key, 3),
+                          desc=f"PGD test eps={_eps(s.big_eps)}")[big]
+    out["val_big"] = run(big_pgd, m.variables, x_val, y_val, key=jax.random.fold_in(key, 4),
+                         desc=f"PGD val eps={_eps(s.big_eps)}")[big]
+    seconds["pgd_big_eps"], t = time.time() - t, time.time()
+    out["le"] = {lam: run(le_pgd, (m.variables, np.float32(lam)), x_test, y_test, key=jax.random.fold_in(key, 5),
+                          desc=f"LE-PGD lam={lam:g}") for lam in s.lams}
+    seconds["le_pgd"] = time.time() - t
+    return out, seconds
 
-    acc = lambda z, y: metrics.accuracy(z, y)  # noqa: E731
-    results = {"config": {"dataset": ds, "checkpoint": ckpt_name,
-                          "conv_impl": FLAGS.conv_impl or "custom_vjp", "num_examples": len(x_test),
-                          "num_val": len(x_val), "eps": eps, "big_eps": big_eps, "step_size": step_size,
-                          "steps": curve_steps, "detector_steps": det_steps, "fixed_steps": FLAGS.fixed_steps,
-                          "lams": lams, "le_steps": FLAGS.le_steps, "threshold": FLAGS.threshold,
-                          "target_fpr": FLAGS.target_fpr if FLAGS.threshold == "fpr" else None,
-                          "seed": FLAGS.seed, "devices": jax.device_count(),
-                          "energy_convention": "E = -T*logsumexp(logits/T); detector score = -E"}}
 
-    # 1. energy vs PGD steps
+def analyse(s, logits, y_test) -> dict:
+    """Energy vs PGD steps, the detector per attack (fitted on validation for each), the deployed detector (fitted on
+    PGD-fixed_steps) with its confusion matrix and FPR target, and LE-PGD against it."""
+    import numpy as np
+
+    from robust_jax import energy, evaluate, metrics
+
+    test, val = logits["test"], logits["val"]
+    fit = lambda adv, method=FLAGS.threshold: energy.fit_detector(val[0], adv, method=method,  # noqa: E731
+                                                                   target_fpr=FLAGS.target_fpr)
+    report = lambda det, adv: evaluate.energy_detector_report(det, test[0], adv, y_test)  # noqa: E731
     e = lambda z: np.asarray(energy.energy(z))  # noqa: E731
-    results["energy_vs_steps"] = [
-        {"steps": s, "mean_energy": float(e(test_logits[s]).mean()), "std_energy": float(e(test_logits[s]).std()),
-         "accuracy": acc(test_logits[s], y_test)} for s in curve_steps]
-    plotting.histograms({"clean": e(test_logits[0]), **{f"PGD-{s}": e(test_logits[s]) for s in (5, 20)
-                                                         if s in test_logits}},
-                        out / "energy_hist_pgd.png", xlabel="energy  E = −logsumexp(logits)",
-                        title=f"{ds}: energy of clean vs PGD examples (eps={eps:.3f})")
-    rows = results["energy_vs_steps"]
-    plotting.lines([r["steps"] for r in rows], {"mean energy": np.array([r["mean_energy"] for r in rows])},
-                   out / "energy_vs_steps.png", xlabel="PGD steps", ylabel="mean energy (lower = larger logsumexp)",
-                   yerr={"mean energy": np.array([r["std_energy"] for r in rows]) / np.sqrt(len(x_test))},
-                   title=f"{ds}: energy falls as PGD gets stronger")
+    r = {"energy_vs_steps": [{"steps": n, "mean_energy": float(e(test[n]).mean()),
+                              "std_energy": float(e(test[n]).std()), "accuracy": metrics.accuracy(test[n], y_test)}
+                             for n in s.curve_steps]}
+    table = [{"attack": f"pgd{n}", "steps": n, "eps": s.eps, **report(fit(val[n]), test[n])[0],
+              "deck": DECK.get(f"pgd{n}")} for n in s.det_steps]
+    big = max(s.det_steps)
+    table.append({"attack": f"pgd{big}_big", "steps": big, "eps": s.big_eps,
+                  **report(fit(logits["val_big"]), logits["test_big"])[0], "deck": DECK.get(f"pgd{big}_big")})
+    r["detector_table"] = table
 
-    # 2. detector table: per attack, temperature + threshold fitted on validation, applied to test
-    def evaluate(val_adv, test_adv, det=None):
-        det = det or energy.fit_detector(val_logits[0], val_adv, method=FLAGS.threshold,
-                                         target_fpr=FLAGS.target_fpr)
-        t_ = det["temperature"]
-        scores = np.r_[np.asarray(energy.score(test_logits[0], t_)), np.asarray(energy.score(test_adv, t_))]
-        labels = np.r_[np.zeros(len(x_test)), np.ones(len(test_adv))]
-        r = metrics.detection_rates(scores, labels, det["threshold"])
-        r.update(auroc=metrics.auroc(scores, labels), aupr=metrics.aupr(scores, labels),
-                 adversarial_accuracy=acc(test_adv, y_test), temperature=t_, threshold=det["threshold"],
-                 val_auroc=det["val_auroc"])
-        return r, det, scores, labels
-
-    table = []
-    for s in det_steps:
-        r, _, _, _ = evaluate(val_logits[s], test_logits[s])
-        table.append({"attack": f"pgd{s}", "steps": s, "eps": eps, **r, "deck": DECK.get(f"pgd{s}")})
-    r, _, _, _ = evaluate(val_big, test_big)
-    table.append({"attack": f"pgd{big_steps}_big", "steps": big_steps, "eps": big_eps, **r,
-                  "deck": DECK.get(f"pgd{big_steps}_big")})
-    results["detector_table"] = table
-
-    # 3. the deployed detector (fitted on PGD-fixed_steps) and its confusion matrix
-    fixed = FLAGS.fixed_steps
-    r_fixed, det, scores, labels = evaluate(val_logits[fixed], test_logits[fixed])
-    correct = np.r_[test_logits[0].argmax(-1) == y_test, test_logits[fixed].argmax(-1) == y_test]
-    results["detector"] = {**{k: v for k, v in det.items()}, "fitted_on": f"val clean vs PGD-{fixed}"}
-    results["confusion_pgd"] = {"steps": fixed, **metrics.detection_confusion(scores, labels, det["threshold"],
-                                                                                correct), "deck": DECK_CONFUSION}
-    # the same attack with the threshold set for FPR <= target on validation (the target is stated at FPR 1%)
-    det_fpr = energy.fit_detector(val_logits[0], val_logits[fixed], method="fpr", target_fpr=FLAGS.target_fpr)
-    r_fpr, _, _, _ = evaluate(None, test_logits[fixed], det_fpr)
-    results["target_pgd"] = {
-        "steps": fixed,
-        FLAGS.threshold: {"tpr": r_fixed["tpr"], "fpr": r_fixed["fpr"],
-                          "met": bool(r_fixed["tpr"] >= 0.98 and r_fixed["fpr"] <= 0.01)},
-        f"val_fpr_{FLAGS.target_fpr:g}": {"tpr": r_fpr["tpr"], "fpr": r_fpr["fpr"], "threshold": det_fpr["threshold"],
-                                          "met": bool(r_fpr["tpr"] >= 0.98 and r_fpr["fpr"] <= 0.01)},
-    }
-
-    # 4. LE-PGD against the deployed detector
-    le_rows, rocs = [], {}
-    fpr, tpr, _ = metrics.roc_curve(scores, labels)
-    rocs[f"PGD-{fixed}"] = (fpr, tpr, r_fixed["auroc"])
-    for lam in lams:
-        r, _, s_le, l_le = evaluate(None, le_logits[lam], det)
-        le_rows.append({"attack": "le_pgd", "lam": lam, "steps": FLAGS.le_steps, "eps": eps, **r,
-                        "mean_energy": float(e(le_logits[lam]).mean())})
-        fpr, tpr, _ = metrics.roc_curve(s_le, l_le)
-        rocs[f"LE-PGD λ={lam:g}"] = (fpr, tpr, r["auroc"])
-    results["le_pgd"] = le_rows
-    t_det = det["temperature"]
-    lam_show = lams[len(lams) // 2]
-    plotting.histograms({"clean": e(test_logits[0]), f"PGD-{fixed}": e(test_logits[fixed]),
-                         f"LE-PGD λ={lam_show:g}": e(le_logits[lam_show])}, out / "energy_hist_le_pgd.png",
-                        xlabel="energy  E = −logsumexp(logits)",
-                        vlines={"threshold (T=1)": -det["threshold"]} if t_det == 1.0 else None,
-                        title=f"{ds}: LE-PGD keeps energy at clean levels")
-    plotting.roc_curves(rocs, out / "roc_pgd_vs_le_pgd.png", title=f"{ds}: energy detector (T={t_det:g})")
-    # 5. beyond the deck: AUROC and accuracy vs lambda
-    plotting.lines([0.0] + lams, {"detector AUROC": np.array([r_fixed["auroc"]] + [r["auroc"] for r in le_rows]),
-                                  "classifier accuracy": np.array([r_fixed["adversarial_accuracy"]]
-                                                                  + [r["adversarial_accuracy"] for r in le_rows]),
-                                  "detection rate (TPR)": np.array([r_fixed["tpr"]] + [r["tpr"] for r in le_rows])},
-                   out / "auroc_vs_lambda.png", xlabel="λ (LE-PGD; 0 = PGD)", ylabel="fraction", logx=True,
-                   title=f"{ds}: the price of evading the energy detector")
-    if FLAGS.mc_num_examples > 0 and MC_DROPOUT[ds] in checkpoints.available():
-        t = time.time()
-        results["mc_dropout"] = mc_dropout_detection(ds, x_val, y_val, x_test, y_test, jax.random.fold_in(key, 6),
-                                                     eps=eps, step_size=step_size, steps=fixed)
-        timings["mc_dropout"] = time.time() - t
-    else:
-        results["mc_dropout"] = f"not run: checkpoint {MC_DROPOUT[ds]} absent or --mc_num_examples=0"
-    timings["total"] = time.time() - t_start
-    results["seconds"] = timings
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {out}/results.json, results.md and figures in {timings['total']:.0f} s")
+    det = fit(val[s.fixed])  # the deployed detector
+    fixed, scores, labels = report(det, test[s.fixed])
+    correct = np.r_[test[0].argmax(-1) == y_test, test[s.fixed].argmax(-1) == y_test]
+    r["detector"] = {**det, "fitted_on": f"val clean vs PGD-{s.fixed}"}
+    r["confusion_pgd"] = {"steps": s.fixed, **metrics.detection_confusion(scores, labels, det["threshold"], correct),
+                          "deck": DECK_CONFUSION}
+    det_fpr = fit(val[s.fixed], "fpr")  # the threshold set for FPR <= target on validation (the target is at 1%)
+    at_fpr = report(det_fpr, test[s.fixed])[0]
+    met = lambda x: bool(x["tpr"] >= 0.98 and x["fpr"] <= 0.01)  # noqa: E731
+    r["target_pgd"] = {"steps": s.fixed,
+                       FLAGS.threshold: {"tpr": fixed["tpr"], "fpr": fixed["fpr"], "met": met(fixed)},
+                       f"val_fpr_{FLAGS.target_fpr:g}": {"tpr": at_fpr["tpr"], "fpr": at_fpr["fpr"],
+                                                         "threshold": det_fpr["threshold"], "met": met(at_fpr)}}
+    r["pgd_fixed"] = fixed
+    r["le_pgd"] = [{"attack": "le_pgd", "lam": lam, "steps": FLAGS.le_steps, "eps": s.eps,
+                    **report(det, logits["le"][lam])[0], "mean_energy": float(e(logits["le"][lam]).mean())}
+                   for lam in s.lams]
+    evaded = [x for x in r["le_pgd"] if x["tpr"] < EVADED]
+    head = evaded[0] if evaded else r["le_pgd"][-1]
+    r["le_pgd_headline"] = {"lam": head["lam"], "tpr": head["tpr"], "auroc": head["auroc"], "evaded": bool(evaded),
+                            "rule": f"smallest lambda with detection rate < {EVADED:.0%} (else the largest)"}
+    return r
 
 
-def mc_dropout_detection(ds, x_val, y_val, x_test, y_test, key, *, eps, step_size, steps) -> dict:
+def make_figures(s, logits, r, y_test, out) -> list[str]:
+    """The five figures; returns their file names."""
+    import numpy as np
+
+    from robust_jax import energy, evaluate, metrics, plotting
+
+    ds, n, test, det = s.dataset, len(y_test), logits["test"], r["detector"]
+    t_det, fixed, head = det["temperature"], s.fixed, r["le_pgd_headline"]
+    e = lambda z, t=1.0: np.asarray(energy.energy(z, t))  # noqa: E731
+    files = [plotting.histograms(
+        {"clean": e(test[0]), **{f"PGD-{k}": e(test[k]) for k in (5, 20) if k in test}}, out / "energy_hist_pgd.png",
+        xlabel="energy  E = −logsumexp(logits)",
+        title=f"{ds}, N={n} test images: energy of clean vs PGD examples (eps {_eps(s.eps)})")]
+    rows = r["energy_vs_steps"]
+    files.append(plotting.lines(
+        [x["steps"] for x in rows], {"mean energy": np.array([x["mean_energy"] for x in rows])},
+        out / "energy_vs_steps.png", xlabel="PGD steps", ylabel="mean energy (lower = larger logsumexp)",
+        yerr={"mean energy": np.array([x["std_energy"] for x in rows]) / np.sqrt(n)},
+        title=f"{ds}, N={n}: energy falls as PGD ({_eps(s.eps)}) gets stronger (± s.e.m.)"))
+    # the LE-PGD histogram at the headline lambda, on the detector's own scale (its temperature), with its threshold
+    files.append(plotting.histograms(
+        {"clean": e(test[0], t_det), f"PGD-{fixed}": e(test[fixed], t_det),
+         f"LE-PGD λ={head['lam']:g}": e(logits["le"][head["lam"]], t_det)}, out / "energy_hist_le_pgd.png",
+        xlabel=f"energy  E = −T·logsumexp(logits/T) at the detector's T={t_det:g}",
+        vlines={f"deployed threshold (flags E ≤ {-det['threshold']:.3g})": -det["threshold"]},
+        title=f"{ds}, N={n}: LE-PGD at λ={head['lam']:g} "
+              + ("(the smallest λ detected < 5%)" if head["evaded"] else "(the largest λ: none is detected < 5%)")
+              + f"\ndetected: LE-PGD {100 * head['tpr']:.1f}%, PGD-{fixed} {100 * r['pgd_fixed']['tpr']:.1f}%; "
+              f"clean flagged {100 * r['pgd_fixed']['fpr']:.1f}%"))
+    rocs = {}
+    for name, adv in [(f"PGD-{fixed}", test[fixed])] + [(f"LE-PGD λ={lam:g}", logits["le"][lam]) for lam in s.lams]:
+        row, scores, labels = evaluate.energy_detector_report(det, test[0], adv, y_test)
+        fpr, tpr, _ = metrics.roc_curve(scores, labels)
+        rocs[name] = (fpr, tpr, row["auroc"])
+    files.append(plotting.roc_curves(
+        rocs, out / "roc_pgd_vs_le_pgd.png", points={
+            f"deployed threshold on PGD-{fixed}": (r["pgd_fixed"]["fpr"], r["pgd_fixed"]["tpr"])},
+        title=f"{ds}, N={n} clean + {n} adversarial test images: energy detector (T={t_det:g})"))
+    le = r["le_pgd"]
+    series = lambda k: np.array([r["pgd_fixed"][k]] + [x[k] for x in le])  # noqa: E731
+    files.append(plotting.lines(
+        [0.0] + [x["lam"] for x in le], {"detector AUROC": series("auroc"), "detection rate (TPR)": series("tpr"),
+                                         "classifier accuracy": series("adversarial_accuracy")},
+        out / "auroc_vs_lambda.png", xlabel="λ (LE-PGD; 0 = PGD)", ylabel="fraction", logx=True,
+        title=f"{ds}, N={n}: the price of evading the energy detector"))
+    return [f.name for f in files]
+
+
+def mc_dropout_detection(s, x_val, y_val, x_test, y_test, key) -> dict:
     """The energy detector on issue 4's MC-dropout model vs the same weights run deterministically.
 
     The MC-dropout model's energy is that of its mean logits over ``--mc_samples`` masks; it is attacked through EOT
@@ -242,63 +251,85 @@ def mc_dropout_detection(ds, x_val, y_val, x_test, y_test, key, *, eps, step_siz
     threshold) is fitted on its own validation clean vs PGD examples and applied unchanged to test.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from robust_jax import attacks, checkpoints, energy, metrics, uncertainty
+    from robust_jax import attacks, checkpoints, energy, evaluate, runner
 
-    m = checkpoints.load(MC_DROPOUT[ds])
+    m = checkpoints.load(MC_DROPOUT[s.dataset])
     n, num = FLAGS.mc_num_examples, FLAGS.mc_samples
-
-    def mc_mean_logits(v, x, k):
-        sample = uncertainty.mc_dropout_logits_fn(m.apply, v)
-        return jnp.mean(jax.vmap(lambda kk: sample(kk, x))(jax.random.split(k, num)), 0)
-
-    variants = {  # name -> (attacked logits_fn builder, predictive logits, forward passes per image)
-        "deterministic": (lambda v: functools.partial(m.apply, v), lambda v, x, k: m.apply(v, x), 1),
-        "mc_dropout": (lambda v: attacks.eot(uncertainty.mc_dropout_logits_fn(m.apply, v), num), mc_mean_logits, num),
-    }
     rows = {}
-    for name, (attacked, predict, passes) in variants.items():
-        def attack(v, x, y, k, attacked=attacked, predict=predict):
+    for name, kind in (("deterministic", "none"), ("mc_dropout", "epistemic")):
+        d = evaluate.Defence(kind, m, mc_samples=num, eot_samples=num)
+
+        def attack(v, x, y, k, d=d):
             k_att, k_le, k_pred = jax.random.split(k, 3)
-            xa = attacks.pgd(attacked(v), x, y, key=k_att, eps=eps, step_size=step_size, steps=steps, loop=LOOP)
-            xl = attacks.le_pgd(attacked(v), x, y, key=k_le, eps=eps, step_size=step_size, steps=FLAGS.le_steps,
+            f = d.attacked("adaptive")(v)
+            xa = attacks.pgd(f, x, y, key=k_att, eps=s.eps, step_size=s.step_size, steps=s.fixed, loop=LOOP)
+            xl = attacks.le_pgd(f, x, y, key=k_le, eps=s.eps, step_size=s.step_size, steps=FLAGS.le_steps,
                                 lam=FLAGS.mc_lam, loop=LOOP)
-            return {"clean": predict(v, x, k_pred), "pgd": predict(v, xa, k_pred), "le_pgd": predict(v, xl, k_pred)}
+            return {a: d.mean_logits(v, z, k_pred) for a, z in (("clean", x), ("pgd", xa), ("le_pgd", xl))}
 
         # EOT runs `passes` forward passes per image: keep the effective batch (and memory) at --batch_size
-        run = functools.partial(attacks.run_attack, attack, m.variables, batch_size=max(1, FLAGS.batch_size // passes))
+        passes = 1 if kind == "none" else num
+        run = functools.partial(runner.run_attack, attack, m.variables, batch_size=max(1, FLAGS.batch_size // passes))
         val = run(x_val[:n], y_val[:n], key=jax.random.fold_in(key, 0), desc=f"{name} val")
         test = run(x_test[:n], y_test[:n], key=jax.random.fold_in(key, 1), desc=f"{name} test")
         det = energy.fit_detector(val["clean"], val["pgd"])
-        row = {"clean_accuracy": metrics.accuracy(test["clean"], y_test[:n]), "temperature": det["temperature"]}
-        for atk in ("pgd", "le_pgd"):
-            scores = np.r_[np.asarray(energy.score(test["clean"], det["temperature"])),
-                           np.asarray(energy.score(test[atk], det["temperature"]))]
-            labels = np.r_[np.zeros(n), np.ones(n)]
-            row[atk] = {**metrics.detection_rates(scores, labels, det["threshold"]),
-                        "auroc": metrics.auroc(scores, labels),
-                        "adversarial_accuracy": metrics.accuracy(test[atk], y_test[:n]),
-                        "mean_energy": float(np.mean(energy.energy(test[atk])))}
-        row["clean_mean_energy"] = float(np.mean(energy.energy(test["clean"])))
+        row = {"clean_accuracy": float(np.mean(test["clean"].argmax(-1) == y_test[:n])),
+               "temperature": det["temperature"], "clean_mean_energy": float(np.mean(energy.energy(test["clean"])))}
+        for a in ("pgd", "le_pgd"):
+            row[a] = {**evaluate.energy_detector_report(det, test["clean"], test[a], y_test[:n])[0],
+                      "mean_energy": float(np.mean(energy.energy(test[a])))}
         rows[name] = row
-    return {"checkpoint": MC_DROPOUT[ds], "num_examples": n, "mc_samples": num, "eot_samples": num,
-            "steps": steps, "le_steps": FLAGS.le_steps, "lam": FLAGS.mc_lam, "rows": rows}
+    return {"checkpoint": MC_DROPOUT[s.dataset], "num_examples": n, "mc_samples": num, "eot_samples": num,
+            "steps": s.fixed, "le_steps": FLAGS.le_steps, "lam": FLAGS.mc_lam, "rows": rows}
+
+
+def config_record(s, n_test, n_val, devices) -> dict:
+    return {"dataset": s.dataset, "checkpoint": s.checkpoint, "conv_impl": FLAGS.conv_impl or "custom_vjp",
+            "num_examples": n_test, "num_val": n_val, "eps": s.eps, "big_eps": s.big_eps, "step_size": s.step_size,
+            "steps": s.curve_steps, "detector_steps": s.det_steps, "fixed_steps": s.fixed, "lams": s.lams,
+            "le_steps": FLAGS.le_steps, "threshold": FLAGS.threshold,
+            "target_fpr": FLAGS.target_fpr if FLAGS.threshold == "fpr" else None, "seed": FLAGS.seed,
+            "devices": devices, "energy_convention": "E = -T*logsumexp(logits/T); detector score = -E"}
+
+
+def _eps(v) -> str:
+    from robust_jax.plotting import eps_label
+
+    return eps_label(v)
 
 
 def _pct(v):
     return "—" if v is None or v != v else f"{100 * v:.2f}"
 
 
-def markdown(r) -> str:
+def summary(r) -> list[str]:
+    """The run's findings in a few lines (printed at the end)."""
+    p, head, c = r["pgd_fixed"], r["le_pgd_headline"], r["config"]
+    lines = [f"{c['dataset']}, {c['checkpoint']}, N={c['num_examples']}, eps {_eps(c['eps'])}: energy "
+             f"{r['energy_vs_steps'][0]['mean_energy']:.2f} clean -> {r['energy_vs_steps'][-1]['mean_energy']:.2f} "
+             f"after PGD-{r['energy_vs_steps'][-1]['steps']}",
+             f"deployed detector (T={p['temperature']:g}): PGD-{c['fixed_steps']} detected {_pct(p['tpr'])}% at FPR "
+             f"{_pct(p['fpr'])}% (AUROC {p['auroc']:.4f})",
+             f"LE-PGD λ={head['lam']:g}: detected {_pct(head['tpr'])}% (AUROC {head['auroc']:.3f})"
+             + ("" if head["evaded"] else f" — no λ in the sweep gets below {EVADED:.0%}")]
+    if isinstance(r["mc_dropout"], dict):
+        mc = r["mc_dropout"]["rows"]
+        lines.append("MC-dropout vs deterministic: PGD detected " + " / ".join(
+            f"{_pct(mc[k]['pgd']['tpr'])}%" for k in ("mc_dropout", "deterministic")) + ", LE-PGD " + " / ".join(
+            f"{_pct(mc[k]['le_pgd']['tpr'])}%" for k in ("mc_dropout", "deterministic")))
+    return lines
+
+
+def markdown(r, figures=()) -> str:
     c = r["config"]
     lines = [f"# Energy detection — {c['dataset']}, `{c['checkpoint']}`", "",
-             f"N_test={c['num_examples']}, N_val={c['num_val']}, eps={c['eps']:.4f}, step={c['step_size']:.4f}, "
-             f"threshold rule: {c['threshold']}, seed {c['seed']}. Energy E = −T·logsumexp(logits/T); "
-             "detector flags −E ≥ threshold (fitted on validation, applied to test)."
-             + (f" Convolutions: `{c['conv_impl']}`." if c["conv_impl"] != "custom_vjp" else ""), "",
-             "## Energy vs PGD steps", "", "| steps | mean energy | accuracy % |", "|---|---|---|"]
+             f"N_test={c['num_examples']}, N_val={c['num_val']}, eps={_eps(c['eps'])} ({c['eps']:.4f}), "
+             f"step={_eps(c['step_size'])} ({c['step_size']:.4f}), threshold rule: {c['threshold']}, seed "
+             f"{c['seed']}. Energy E = −T·logsumexp(logits/T); detector flags −E ≥ threshold (fitted on validation, "
+             "applied to test)." + (f" Convolutions: `{c['conv_impl']}`." if c["conv_impl"] != "custom_vjp" else ""),
+             "", "## Energy vs PGD steps", "", "| steps | mean energy | accuracy % |", "|---|---|---|"]
     lines += [f"| {x['steps']} | {x['mean_energy']:.3f} ± {x['std_energy']:.3f} | {_pct(x['accuracy'])} |"
               for x in r["energy_vs_steps"]]
     lines += ["", "## Detector per attack (T and threshold fitted on validation for each attack)", "",
@@ -306,7 +337,7 @@ def markdown(r) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["detector_table"]:
         deck = "/".join(f"{v:g}" for v in x["deck"]) if x.get("deck") else "—"
-        lines.append(f"| {x['attack']} | {x['eps']:.4f} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {_pct(x['fnr'])} | "
+        lines.append(f"| {x['attack']} | {_eps(x['eps'])} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {_pct(x['fnr'])} | "
                      f"{x['auroc']:.4f} | {x['aupr']:.4f} | {_pct(x['adversarial_accuracy'])} | "
                      f"{x['temperature']:g} | {deck} |")
     cm = r["confusion_pgd"]
@@ -321,12 +352,15 @@ def markdown(r) -> str:
         if rule != "steps":
             lines.append(f"- threshold rule `{rule}` (fitted on validation): TPR {_pct(v['tpr'])}%, "
                          f"FPR {_pct(v['fpr'])}% → {'met' if v['met'] else 'not met'}")
+    head = r["le_pgd_headline"]
     lines += ["",
               f"## LE-PGD against the deployed detector (T={r['detector']['temperature']:g}, fixed threshold)", "",
               "| λ | DR % | FPR % | AUROC | classifier acc % | mean energy |", "|---|---|---|---|---|---|"]
     for x in r["le_pgd"]:
         lines.append(f"| {x['lam']:g} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {x['auroc']:.4f} | "
                      f"{_pct(x['adversarial_accuracy'])} | {x['mean_energy']:.3f} |")
+    lines += ["", f"Headline λ ({head['rule']}): λ={head['lam']:g}, detected {_pct(head['tpr'])}% "
+              "(the λ drawn in energy_hist_le_pgd.png)."]
     mc = r["mc_dropout"]
     if isinstance(mc, str):
         lines += ["", f"MC-dropout model: {mc}."]
@@ -342,11 +376,11 @@ def markdown(r) -> str:
                              f"{_pct(x['tpr'])} | {_pct(x['fpr'])} | {x['auroc']:.4f} | "
                              f"{_pct(x['adversarial_accuracy'])} | {row['clean_mean_energy']:.2f} → "
                              f"{x['mean_energy']:.2f} |")
-    lines += ["",
-              "Figures: energy_hist_pgd.png, energy_vs_steps.png, energy_hist_le_pgd.png, roc_pgd_vs_le_pgd.png, "
-              "auroc_vs_lambda.png", ""]
+    lines += ["", "Figures: " + ", ".join(figures or ("energy_hist_pgd.png", "energy_vs_steps.png",
+                                                       "energy_hist_le_pgd.png", "roc_pgd_vs_le_pgd.png",
+                                                       "auroc_vs_lambda.png")), ""]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

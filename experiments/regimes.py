@@ -33,21 +33,37 @@ KNOBS = {"training eps (/255)": ("adversary", "adv_eps"),
          "training rotation (±degrees)": ("augment", "rotation_degrees")}
 
 
-def load_models(dataset: str, names=None) -> dict:
-    """{name: Classifier} for the regimes whose checkpoints are available (all of them, or `names`)."""
+def problem(dataset: str, names=None) -> str | None:
+    """Why the regimes `names` (None: every regime) of `dataset` cannot be evaluated, as one line naming the flags and
+    the valid choices; None if they can. Checks the names and that their checkpoints are available."""
     from robust_jax import checkpoints
 
     if dataset not in REGIMES:
-        raise ValueError(f"no training regimes for {dataset!r}; datasets: {sorted(REGIMES)}")
+        return f"no training regimes for --dataset={dataset}; datasets with regimes: {', '.join(sorted(REGIMES))}"
     regimes = REGIMES[dataset]
     unknown = sorted(set(names or ()) - set(regimes))
     if unknown:
-        raise ValueError(f"unknown models {unknown}; regimes: {sorted(regimes)}")
+        return f"unknown models {', '.join(unknown)} for --dataset={dataset}; regimes: {', '.join(regimes)}"
     have = set(checkpoints.available())
-    missing = sorted(n for n in (names or ()) if regimes[n] not in have)
+    missing = [n for n in (names or ()) if regimes[n] not in have]
     if missing:
-        raise ValueError(f"checkpoints for {missing} are not available; train them with the command in the card of "
-                         f"a sibling checkpoint (see checkpoints/*/card.json)")
+        return (f"--models: the checkpoints of {', '.join(f'{n} ({regimes[n]})' for n in missing)} are not in "
+                f"{checkpoints.root()}; train them with the command in the card of a sibling checkpoint "
+                f"(checkpoints/*/card.json)")
+    if not any(c in have for c in regimes.values()):
+        return f"none of the {dataset} regimes' checkpoints is in {checkpoints.root()}: {', '.join(regimes.values())}"
+    return None
+
+
+def load_models(dataset: str, names=None) -> dict:
+    """{name: Classifier} for the regimes whose checkpoints are available (all of them, or `names`); ValueError
+    (the message of :func:`problem`) if a name is unknown or its checkpoint missing."""
+    from robust_jax import checkpoints
+
+    why = problem(dataset, names)
+    if why:
+        raise ValueError(why)
+    regimes, have = REGIMES[dataset], set(checkpoints.available())
     return {n: checkpoints.load(regimes[n]) for n in (names or regimes) if regimes[n] in have}
 
 

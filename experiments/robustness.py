@@ -1,10 +1,10 @@
-"""Evaluate attacks against a pretrained classifier.
+r"""Evaluate attacks against a pretrained classifier.
 
     python -m experiments.robustness --dataset=mnist --checkpoint=mnist_basic_cnn \
         --attacks=fgsm,pgd,cw_l2,jsma,blackbox --eps=0.3 --num_examples=1000 --out_dir=results/robustness/mnist
 
-The first `--blackbox_holdout` (150) test images are the black-box attacker's holdout; every attack is evaluated
-on the next N test images. Writes results.json and results.md to --out_dir.
+The first 150 test images (``robust_jax.evaluate.AttackConfig.blackbox_holdout``) are the black-box attacker's
+holdout; every attack is evaluated on the next N test images. Writes results.json and results.md to --out_dir.
 """
 
 from __future__ import annotations
@@ -13,60 +13,61 @@ import dataclasses
 import functools
 import json
 import time
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
-flags.DEFINE_string("dataset", "mnist", "mnist | cifar10")
-flags.DEFINE_string("checkpoint", None, "checkpoint name (default: mnist_basic_cnn / cifar10_resnet10)")
-flags.DEFINE_list("attacks", ["fgsm", "pgd", "cw_l2", "jsma", "blackbox"], "attacks to run")
-flags.DEFINE_float("eps", None, "Linf budget for fgsm / pgd / blackbox (default 0.3 mnist, 8/255 cifar10)")
-flags.DEFINE_integer("num_examples", 1000, "N test examples evaluated")
-flags.DEFINE_integer("pgd_steps", 40, "PGD steps")
-flags.DEFINE_integer("cw_steps", 100, "CW-L2 optimiser steps per binary-search step")
-flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_integer("batch_size", 250, "attack batch size")
-flags.DEFINE_string("data_dir", None, "TFDS data dir")
-flags.DEFINE_string("out_dir", None, "output dir (default results/robustness/<checkpoint>)")
+from experiments import cli
+from robust_jax.evaluate import ATTACKS
+
+DEFAULTS = {"mnist": ("mnist_basic_cnn", 0.3), "cifar10": ("cifar10_resnet10", 8 / 255)}
+cli.dataset("mnist", DEFAULTS, "dataset; sets the default checkpoint and eps (mnist: mnist_basic_cnn, 0.3; "
+            "cifar10: cifar10_resnet10, 8/255)")
+cli.checkpoint({d: v[0] for d, v in DEFAULTS.items()})
+cli.names("attacks", list(ATTACKS), ATTACKS, "attacks to run")
+cli.eps("eps", None, "Linf budget for fgsm / pgd / blackbox (default per --dataset: 0.3 mnist, 8/255 cifar10)")
+cli.count("num_examples", 1000, "N test examples evaluated")
+cli.count("pgd_steps", 40, "PGD steps")
+cli.count("cw_steps", 100, "CW-L2 optimiser steps per binary-search step")
+cli.seed()
+cli.batch_size(250, "attack batch size")
+cli.data_dir()
+cli.out_dir("robustness")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
-    from robust_jax import checkpoints, data, evaluate, training
+    from robust_jax import checkpoints, data, evaluate
 
+    started = time.time()
     ds = FLAGS.dataset
-    name = FLAGS.checkpoint or {"mnist": "mnist_basic_cnn", "cifar10": "cifar10_resnet10"}[ds]
-    eps = FLAGS.eps if FLAGS.eps is not None else {"mnist": 0.3, "cifar10": 8 / 255}[ds]
+    name, eps = FLAGS.checkpoint or DEFAULTS[ds][0], FLAGS.eps if FLAGS.eps is not None else DEFAULTS[ds][1]
     cfg = evaluate.AttackConfig(eps=eps, pgd_steps=FLAGS.pgd_steps, cw_steps=FLAGS.cw_steps,
                                 batch_size=FLAGS.batch_size)
     m = checkpoints.load(name)
-    test = data.splits(ds)["test"]
-    h = cfg.blackbox_holdout
+    test, h = data.splits(ds)["test"], cfg.blackbox_holdout
     x_hold, _ = data.load(ds, f"{test}[:{h}]", data_dir=FLAGS.data_dir)
     x, y = data.load(ds, f"{test}[{h}:{h + FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
-    print(f"robustness: {name} on {ds} test[{h}:{h + len(x)}], attacks {FLAGS.attacks}, eps={eps:.4f}, "
-          f"seed={FLAGS.seed}, devices={jax.device_count()}")
-    predict = lambda z: training.predict_logits(m._predict, m.variables, z)
-    t0 = time.time()
-    rows = evaluate.evaluate_attacks(FLAGS.attacks, predict, m.variables, data.to_float(x), y,
+    cli.say(f"robustness: {name} on {ds} test[{h}:{h + len(x)}], attacks {FLAGS.attacks}, eps={eps:.4g}, "
+            f"seed={FLAGS.seed}, devices={jax.device_count()}")
+    rows = evaluate.evaluate_attacks(FLAGS.attacks, m.predict, m.variables, data.to_float(x), y,
                                      key=jax.random.PRNGKey(FLAGS.seed), cfg=cfg,
                                      logits_builder=lambda v: functools.partial(m.apply, v),
                                      x_holdout=data.to_float(x_hold))
-    out = Path(FLAGS.out_dir or f"results/robustness/{name}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = cli.output_folder(FLAGS.out_dir, f"results/robustness/{name}")
     result = {"checkpoint": name, "dataset": ds, "seed": FLAGS.seed, "config": dataclasses.asdict(cfg),
-              "rows": rows, "seconds": time.time() - t0}
+              "rows": rows, "seconds": time.time() - started}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
-    table = evaluate.markdown_table(rows)
     warnings = sorted({w for r in rows for w in r["warnings"]})
-    md = f"# Robustness of `{name}` ({ds})\n\n{table}\n\nWarnings: {warnings or 'none'}\n"
-    (out / "results.md").write_text(md)
-    print(md)
+    (out / "results.md").write_text(f"# Robustness of `{name}` ({ds})\n\n{evaluate.markdown_table(rows)}\n\n"
+                                    f"Warnings: {warnings or 'none'}\n")
+    cli.finish(out, [f"{r['attack']:8s}: clean {100 * r['accuracy']:.1f}%, adversarial "
+                     f"{100 * r['adversarial_accuracy']:.1f}%, fooling {100 * r['fooling_rate']:.1f}% (N={r['n']})"
+                     for r in rows]
+               + [f"warning: {w}" for w in warnings], started=started, files=["results.md", "results.json"])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -23,24 +23,29 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+import types
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
+from experiments.regimes import REGIMES
 
 ALL_FAMILIES = ["rotation", "translation", "rotation_translation", "perspective", "noise", "blur"]
-flags.DEFINE_string("dataset", "cifar10", "cifar10")
-flags.DEFINE_list("transform", ALL_FAMILIES, f"transformation families ({', '.join(ALL_FAMILIES)})")
-flags.DEFINE_list("models", None, "models to evaluate (default: every available regime and trained sweep point)")
-flags.DEFINE_integer("num_examples", 1000, "N test images (the first N of the test split)")
-flags.DEFINE_float("eps", 8 / 255, "PGD Linf budget")
-flags.DEFINE_integer("pgd_steps", 10, "PGD steps")
-flags.DEFINE_integer("k", 10, "worst-of-k: random transformations per image")
+cli.dataset("cifar10", REGIMES, "dataset (its training regimes are experiments/regimes.py's)")
+cli.names("transform", ALL_FAMILIES, ALL_FAMILIES, "transformation families")
+cli.names("models", None, sorted({n for r in REGIMES.values() for n in r}),
+          "models to evaluate (default: every regime whose checkpoint is available)")
+cli.count("num_examples", 1000, "N test images (the first N of the test split)")
+cli.eps("eps", 8 / 255, "PGD Linf budget")
+cli.count("pgd_steps", 10, "PGD steps")
+cli.count("k", 10, "worst-of-k: random transformations per image")
 flags.DEFINE_bool("grid", False, "also run the exhaustive 31x5x5 rotation-translation grid (775 forward passes/image)")
-flags.DEFINE_list("curve_eps", ["1", "2"], "further PGD budgets, in 1/255 (same steps)")
-flags.DEFINE_integer("batch_size", 500, "evaluation batch size")
-flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)")
-flags.DEFINE_string("out_dir", None, "output dir (default results/tradeoff/<dataset>)")
+cli.eps_list("curve_eps", [1 / 255, 2 / 255], "further PGD budgets (same steps)")
+cli.batch_size(500, "evaluation batch size")
+cli.seed()
+cli.data_dir()
+cli.out_dir("tradeoff")
+cli.validate(["dataset", "models"], lambda v: _regimes_problem(v["dataset"], v["models"]))
 FLAGS = flags.FLAGS
 
 LIMITS = {"degrees": 30.0, "pixels": 3.0, "sigma": 0.1, "length": 9.0}  # family limits (robust_jax.attacks.spatial)
@@ -81,32 +86,33 @@ def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, gri
     import functools
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from robust_jax import attacks
+    from robust_jax import attacks, runner
     from robust_jax.attacks import spatial
+    from robust_jax.plotting import eps_label
 
     logits = lambda v: functools.partial(m.apply, v)  # noqa: E731
-    run = functools.partial(attacks.run_attack, batch_size=batch_size, key=jax.random.PRNGKey(seed))
-    pred = lambda z: np.concatenate([np.asarray(m(z[i:i + batch_size])).argmax(-1)  # noqa: E731
-                                     for i in range(0, len(z), batch_size)])
+    run = functools.partial(runner.run_attack, batch_size=batch_size, key=jax.random.PRNGKey(seed))
+    pred = lambda z: m.predict(z, batch_size).argmax(-1)  # noqa: E731
     if "clean" not in evals:
         evals["clean"] = float(np.mean(pred(x) == y))
-    for e in budgets:
-        key = pgd_key(pgd_steps, e)
-        if key in evals:
-            continue
+    missing = [e for e in budgets if pgd_key(pgd_steps, e) not in evals]
+    if missing:  # every missing budget in one compiled call: an eps array (leading axis moved behind the batch)
         t0 = time.time()
-        attack = lambda v, a, b, kk, e=e: attacks.pgd(logits(v), a, b, key=kk, eps=e,  # noqa: E731
-                                                      step_size=2.5 * e / pgd_steps, steps=pgd_steps)
-        adv = run(attack, m.variables, x, y, desc=f"pgd {e * 255:g}/255")
-        evals[key] = {"accuracy": float(np.mean(pred(adv) == y)), "eps": e, "steps": pgd_steps,
-                      "seconds": time.time() - t0}
+        eps, step = (jnp.asarray(v, jnp.float32) for v in (missing, [2.5 * e / pgd_steps for e in missing]))
+        attack = lambda v, a, b, kk: jnp.moveaxis(attacks.pgd(logits(v), a, b, key=kk, eps=eps,  # noqa: E731
+                                                              step_size=step, steps=pgd_steps), 0, 1)
+        adv = run(attack, m.variables, x, y, desc=f"pgd {', '.join(eps_label(e) for e in missing)}")
+        for i, e in enumerate(missing):
+            evals[pgd_key(pgd_steps, e)] = {"accuracy": float(np.mean(pred(adv[:, i]) == y)), "eps": e,
+                                            "steps": pgd_steps, "seconds": (time.time() - t0) / len(missing)}
     for name in families:
         fam = spatial.family(name, **LIMITS)
         ek = f"{name}_worst_of_{k}"
         if ek not in evals:
-            out = run(lambda v, a, b, kk, fam=fam: spatial.worst_of_k(logits(v), a, b, key=kk, family=fam, k=k),
+            out = run(lambda v, a, b, kk, fam=fam: spatial.worst_of_k_report(logits(v), a, b, key=kk, family=fam, k=k),
                       m.variables, x, y, desc=f"{name} worst-of-{k}")
             evals[ek] = {"accuracy": float(np.mean(out["robust"])),
                          "mean_accuracy": float(np.mean(out["mean_correct"])),
@@ -115,8 +121,8 @@ def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, gri
         if sk not in evals:
             values, label, params = severities(name)
             # one compilation per family: the severity's parameters are a traced argument
-            at_severity = lambda vp, a, b, kk, fam=fam: spatial.worst_of(logits(vp[0]), a, b, vp[1][None], fam,  # noqa: E731
-                                                                         key=kk)
+            at_severity = lambda vp, a, b, kk, fam=fam: spatial.search(  # noqa: E731
+                logits(vp[0]), a, b, key=kk, family=fam, candidates=vp[1][None])
             accs = []
             for p in params:
                 out = run(at_severity, (m.variables, np.asarray(p, np.float32)), x, y, progress=False)
@@ -124,7 +130,7 @@ def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, gri
             evals[sk] = {"values": [float(v) for v in values], "label": label, "accuracy": accs}
     if grid and "rotation_translation_grid" not in evals:
         fam = spatial.family("rotation_translation", **LIMITS)
-        out = run(lambda v, a, b, kk: spatial.grid(logits(v), a, b, family=fam, shape=(31, 5, 5), key=kk),
+        out = run(lambda v, a, b, kk: spatial.grid_report(logits(v), a, b, key=kk, family=fam, shape=(31, 5, 5)),
                   m.variables, x, y, desc="grid 31x5x5")
         evals["rotation_translation_grid"] = {"accuracy": float(np.mean(out["robust"])),
                                               "mean_accuracy": float(np.mean(out["mean_correct"])),
@@ -132,112 +138,135 @@ def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, gri
     return evals
 
 
+def _regimes_problem(ds, names):
+    from experiments.regimes import problem
+
+    return problem(ds, names)
+
+
+def settings() -> types.SimpleNamespace:
+    budgets = [FLAGS.eps, *sorted(set(FLAGS.curve_eps) - {FLAGS.eps})]
+    return types.SimpleNamespace(dataset=FLAGS.dataset, budgets=budgets, curve=budgets[1:], families=FLAGS.transform,
+                                 main_key=pgd_key(FLAGS.pgd_steps, FLAGS.eps))
+
+
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
-    from experiments.regimes import REGIMES, load_models, series
-    from robust_jax import data, plotting
+    from experiments.regimes import load_models, series
+    from robust_jax import data
 
-    ds = FLAGS.dataset
-    if ds not in REGIMES:
-        raise app.UsageError(f"--dataset: only {sorted(REGIMES)} (got {ds!r})")
-    unknown = sorted(set(FLAGS.transform) - set(ALL_FAMILIES)) + sorted(set(FLAGS.models or ()) - set(REGIMES[ds]))
-    if unknown:
-        raise app.UsageError(f"unknown transform / model names {unknown}; transforms {ALL_FAMILIES}, "
-                             f"models {sorted(REGIMES[ds])}")
-    try:
-        curve = sorted({float(e) / 255 for e in FLAGS.curve_eps} - {FLAGS.eps})
-    except ValueError as err:
-        raise app.UsageError(f"--curve_eps: numbers in 1/255 ({err})") from err
-    if FLAGS.eps < 0 or any(e < 0 for e in curve):
-        raise app.UsageError("PGD budgets must be >= 0")
-    budgets = [FLAGS.eps, *curve]
-    out = Path(FLAGS.out_dir or f"results/tradeoff/{ds}")
-    (out / "evals").mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    models = load_models(ds, FLAGS.models)
-    x, y = data.load(ds, f"{data.splits(ds)['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
+    started = time.time()
+    s = settings()
+    models = load_models(s.dataset, FLAGS.models)
+    x, y = data.load(s.dataset, f"{data.splits(s.dataset)['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
     x = data.to_float(x)
-    print(f"tradeoff: {ds}, models {list(models)}, transforms {FLAGS.transform}, N={len(x)}, "
-          f"PGD-{FLAGS.pgd_steps} eps={[round(e * 255, 2) for e in budgets]}/255, worst-of-{FLAGS.k}, "
-          f"seed={FLAGS.seed}, devices={jax.device_count()}")
+    cli.say(f"tradeoff: {s.dataset}, models {list(models)}, transforms {s.families}, N={len(x)}, "
+            f"PGD-{FLAGS.pgd_steps} eps {', '.join(_eps(e) for e in s.budgets)}, worst-of-{FLAGS.k}, "
+            f"seed={FLAGS.seed}, devices={jax.device_count()}")
     # the cache is valid for these settings; further PGD budgets are separate entries (eps in their key)
-    settings = {"num_examples": len(x), "eps": FLAGS.eps, "pgd_steps": FLAGS.pgd_steps, "k": FLAGS.k,
+    s.record = {"num_examples": len(x), "eps": FLAGS.eps, "pgd_steps": FLAGS.pgd_steps, "k": FLAGS.k,
                 "seed": FLAGS.seed, "limits": LIMITS}
+    out = cli.output_folder(FLAGS.out_dir, f"results/tradeoff/{s.dataset}")
     results = {}
-    main_key = pgd_key(FLAGS.pgd_steps, FLAGS.eps)
-    worst = lambda e, f: e[f"{f}_worst_of_{FLAGS.k}"]  # noqa: E731
     for name, m in models.items():
         path = out / "evals" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
         cached = json.loads(path.read_text()) if path.is_file() else {}
-        evals = cached.get("evals", {}) if cached.get("settings") == settings else {}
-        evals = evaluate_model(m, x, y, evals, families=FLAGS.transform, budgets=budgets, pgd_steps=FLAGS.pgd_steps,
-                               k=FLAGS.k, grid=FLAGS.grid, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+        evals = evaluate_model(m, x, y, cached.get("evals", {}) if cached.get("settings") == s.record else {},
+                               families=s.families, budgets=s.budgets, pgd_steps=FLAGS.pgd_steps, k=FLAGS.k,
+                               grid=FLAGS.grid, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
         card = {k: m.card.get(k) for k in ("name", "epochs", "test_accuracy", "val_accuracy")}
         card["regime"] = {k: m.card["hyperparameters"].get(k) for k in ("augment", "rotation_degrees", "adversary",
                                                                         "adv_eps")}
         results[name] = {"card": card, "evals": evals}
-        path.write_text(json.dumps({"settings": settings, **results[name]}, indent=2))
-        print(f"{name}: clean {evals['clean']:.3f}, "
-              + ", ".join(f"PGD {e * 255:g}/255 {evals[pgd_key(FLAGS.pgd_steps, e)]['accuracy']:.3f}" for e in budgets)
-              + ", " + ", ".join(f"{f} {worst(evals, f)['accuracy']:.3f}" for f in FLAGS.transform))
-    curves = series(ds, results)
-    pgd_label = lambda e: f"PGD-{FLAGS.pgd_steps} {e * 255:g}/255"  # noqa: E731
-    for f in FLAGS.transform:
-        plotting.scatter({n: (r["evals"][main_key]["accuracy"], worst(r["evals"], f)["accuracy"])
-                          for n, r in results.items()}, out / f"tradeoff_{f}.png",
-                         xlabel=f"{pgd_label(FLAGS.eps)} accuracy", ylabel=f"{f} worst-of-{FLAGS.k} accuracy",
-                         title=f"{ds}: pixel vs {f} robustness",
-                         paths={lab: names for lab, (_, names) in curves.items()})
-        sev = {n: r["evals"][f"{f}_severities"] for n, r in results.items()}
+        path.write_text(json.dumps({"settings": s.record, **results[name]}, indent=2))
+        cli.say(f"{name}: " + ", ".join(f"{col} {get(evals):.3f}" for col, get in columns(s)))
+    curves = series(s.dataset, results)
+    figures = make_figures(s, results, curves, len(x), out)
+    (out / "results.md").write_text(markdown(s, results, curves, len(x)))
+    (out / "results.json").write_text(json.dumps({"dataset": s.dataset, "settings": {**s.record, "curve_eps": s.curve},
+                                                  "series": {k: {"strength": st, "models": n}
+                                                             for k, (st, n) in curves.items()},
+                                                  "models": results, "seconds": time.time() - started}, indent=2))
+    cli.finish(out, [f"{n}: " + ", ".join(f"{col} {100 * get(r['evals']):.1f}%" for col, get in columns(s))
+                     for n, r in results.items()], started=started,
+               files=["results.md", "results.json", "evals/", *figures])
+
+
+def _eps(v) -> str:
+    from robust_jax.plotting import eps_label
+
+    return eps_label(v)
+
+
+def _pgd_label(e) -> str:
+    return f"PGD-{FLAGS.pgd_steps} {_eps(e)}"
+
+
+def _worst(evals, family):
+    return evals[f"{family}_worst_of_{FLAGS.k}"]
+
+
+def columns(s) -> list:
+    """(label, evals -> accuracy) of the headline columns: clean, PGD at each budget, worst-of-k per family."""
+    return ([("clean", lambda e: e["clean"])]
+            + [(_pgd_label(b), lambda e, b=b: e[pgd_key(FLAGS.pgd_steps, b)]["accuracy"]) for b in sorted(s.budgets)]
+            + [(f"{f} worst-of-{FLAGS.k}", lambda e, f=f: _worst(e, f)["accuracy"]) for f in s.families])
+
+
+def make_figures(s, results, curves, n, out) -> list[str]:
+    """Per family: the trade-off plane, accuracy vs severity, and accuracy along each training knob."""
+    from robust_jax import plotting
+
+    ds, files = s.dataset, []
+    for f in s.families:
+        files.append(plotting.scatter(
+            {m: (r["evals"][s.main_key]["accuracy"], _worst(r["evals"], f)["accuracy"]) for m, r in results.items()},
+            out / f"tradeoff_{f}.png", xlabel=f"{_pgd_label(FLAGS.eps)} accuracy",
+            ylabel=f"{f} worst-of-{FLAGS.k} accuracy", title=f"{ds}, N={n}: pixel vs {f} robustness",
+            paths={label: names for label, (_, names) in curves.items()}))
+        sev = {m: r["evals"][f"{f}_severities"] for m, r in results.items()}
         first = next(iter(sev.values()))
-        plotting.lines(first["values"], {n: s["accuracy"] for n, s in sev.items()}, out / f"accuracy_vs_{f}.png",
-                       xlabel=first["label"], ylabel="accuracy", title=f"{ds}: accuracy under {f}")
+        files.append(plotting.lines(first["values"], {m: v["accuracy"] for m, v in sev.items()},
+                                    out / f"accuracy_vs_{f}.png", xlabel=first["label"], ylabel="accuracy",
+                                    title=f"{ds}, N={n}: accuracy under {f}"))
         if curves:
-            panels = []
-            for label, (strengths, names) in curves.items():
-                ys = {"clean": [results[n]["evals"]["clean"] for n in names]}
-                for e in sorted(budgets):
-                    ys[pgd_label(e)] = [results[n]["evals"][pgd_key(FLAGS.pgd_steps, e)]["accuracy"] for n in names]
-                ys[f"{f} worst-of-{FLAGS.k}"] = [worst(results[n]["evals"], f)["accuracy"] for n in names]
-                panels.append((strengths, ys, label, names))
-            plotting.panels(panels, out / f"strength_{f}.png", ylabel="accuracy",
-                            title=f"{ds}: robustness along each training knob ({f})")
-    budget_cols = sorted(budgets)
+            cols = [c for c in columns(s) if "worst-of" not in c[0] or c[0].startswith(f"{f} ")]
+            panels = [(strengths, {col: [get(results[m]["evals"]) for m in names] for col, get in cols}, label, names)
+                      for label, (strengths, names) in curves.items()]
+            files.append(plotting.panels(panels, out / f"strength_{f}.png", ylabel="accuracy",
+                                         title=f"{ds}, N={n}: robustness along each training knob ({f})"))
+    return [f.name for f in files]
+
+
+def markdown(s, results, curves, n) -> str:
+    budget_cols = sorted(s.budgets)
     # the grid column appears once any model has a cached grid result (e.g. a --grid run on a subset of models)
     show_grid = any("rotation_translation_grid" in r["evals"] for r in results.values())
-    lines = [f"# Pixel-wise vs transformation robustness ({ds}, N={len(x)})", "",
-             f"PGD-{FLAGS.pgd_steps} at eps " + ", ".join(f"{e * 255:g}/255" for e in budget_cols)
+    lines = [f"# Pixel-wise vs transformation robustness ({s.dataset}, N={n})", "",
+             f"PGD-{FLAGS.pgd_steps} at eps " + ", ".join(_eps(e) for e in budget_cols)
              + f" (step 2.5·eps/{FLAGS.pgd_steps}); worst-of-{FLAGS.k} random transformations per "
              f"image within {LIMITS} (accuracy = correct under all k; in brackets: mean accuracy over the k draws).",
-             "", "| model | clean | " + " | ".join(f"PGD {e * 255:g}" for e in budget_cols) + " | "
-             + " | ".join(FLAGS.transform) + (" | rot+trans grid |" if show_grid else " |"),
-             "|---" * (2 + len(budget_cols) + len(FLAGS.transform) + show_grid) + "|"]
-    for n, r in results.items():
+             "", "| model | clean | " + " | ".join(f"PGD {_eps(e)}" for e in budget_cols) + " | "
+             + " | ".join(s.families) + (" | rot+trans grid |" if show_grid else " |"),
+             "|---" * (2 + len(budget_cols) + len(s.families) + show_grid) + "|"]
+    for name, r in results.items():
         e = r["evals"]
         cells = [f"{100 * e[pgd_key(FLAGS.pgd_steps, b)]['accuracy']:.1f}" for b in budget_cols]
-        cells += [f"{100 * worst(e, f)['accuracy']:.1f} ({100 * worst(e, f)['mean_accuracy']:.1f})"
-                  for f in FLAGS.transform]
+        cells += [f"{100 * _worst(e, f)['accuracy']:.1f} ({100 * _worst(e, f)['mean_accuracy']:.1f})"
+                  for f in s.families]
         if show_grid:
             g = e.get("rotation_translation_grid")
             cells.append(f"{100 * g['accuracy']:.1f}" if g else "–")
-        lines.append(f"| {n} | {100 * e['clean']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {100 * e['clean']:.1f} | " + " | ".join(cells) + " |")
     for label, (strengths, names) in curves.items():
-        lines += ["", f"Along {label} ({', '.join(f'{n} {s:g}' for n, s in zip(names, strengths))}):"]
-        for col, get in [("clean", lambda e: e["clean"])] + [
-                (pgd_label(b), lambda e, b=b: e[pgd_key(FLAGS.pgd_steps, b)]["accuracy"]) for b in budget_cols] + [
-                (f"{f} worst-of-{FLAGS.k}", lambda e, f=f: worst(e, f)["accuracy"]) for f in FLAGS.transform]:
-            lines.append(f"- {col}: " + " → ".join(f"{100 * get(results[n]['evals']):.1f}" for n in names))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"dataset": ds, "settings": {**settings, "curve_eps": curve},
-                                                  "series": {k: {"strength": s, "models": n}
-                                                             for k, (s, n) in curves.items()},
-                                                  "models": results, "seconds": time.time() - t0}, indent=2))
-    print("\n".join(lines))
-    print(f"wrote {out} in {time.time() - t0:.0f} s")
+        lines += ["", f"Along {label} ({', '.join(f'{m} {st:g}' for m, st in zip(names, strengths))}):"]
+        lines += [f"- {col}: " + " → ".join(f"{100 * get(results[m]['evals']):.1f}" for m in names)
+                  for col, get in columns(s)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

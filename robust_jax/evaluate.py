@@ -4,6 +4,9 @@
 row per attack: clean accuracy, adversarial accuracy, fooling rate (untargeted: fraction of originally-correct
 examples whose prediction changes; targeted: success rate), mean L0/L2/Linf of the perturbations, seconds, and
 sanity warnings (``robust_jax.attacks.diagnostics``).
+
+:class:`Defence` is a defended classifier (deterministic, MC-dropout or heteroscedastic prediction) together with the
+``logits_fn`` each attack protocol differentiates; :func:`energy_detector_report` applies a fitted energy detector.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from robust_jax import attacks, metrics
+from robust_jax import attacks, energy, metrics, sharding, uncertainty
 from robust_jax.attacks import diagnostics
+from robust_jax.blackbox import blackbox_attack
+from robust_jax.models import logits_of
+from robust_jax.runner import run_attack
 
 ATTACKS = ("fgsm", "pgd", "cw_l2", "jsma", "blackbox")
 
@@ -45,21 +51,19 @@ def _attack_fn(name: str, cfg: AttackConfig, logits_builder: Callable):
     """``attack(variables, x, y_or_target, key) -> x_adv`` for run_attack. `logits_builder(variables)` gives the
     attacked logits_fn (possibly an EOT wrapper)."""
     if name == "fgsm":
-        return lambda v, x, y, k: attacks.fgsm(logits_builder(v), x, y, eps=cfg.eps)
+        return lambda v, x, y, k: attacks.fgsm(logits_builder(v), x, y, key=k, eps=cfg.eps)
     if name == "pgd":
         step = cfg.pgd_step_size or 2.5 * cfg.eps / cfg.pgd_steps
         return lambda v, x, y, k: attacks.pgd(logits_builder(v), x, y, key=k, eps=cfg.eps, step_size=step,
                                               steps=cfg.pgd_steps, restarts=cfg.pgd_restarts)
     if name == "cw_l2":
-        from robust_jax.attacks.cw import cw_l2
-
-        return lambda v, x, y, k: cw_l2(logits_builder(v), x, y, steps=cfg.cw_steps, lr=cfg.cw_lr,
-                                        binary_search_steps=cfg.cw_binary_search_steps,
-                                        initial_const=cfg.cw_initial_const, confidence=cfg.cw_confidence, key=k)
+        return lambda v, x, y, k: attacks.cw_l2(logits_builder(v), x, y, steps=cfg.cw_steps, lr=cfg.cw_lr,
+                                                binary_search_steps=cfg.cw_binary_search_steps,
+                                                initial_const=cfg.cw_initial_const, confidence=cfg.cw_confidence,
+                                                key=k)
     if name == "jsma":
-        from robust_jax.attacks.jsma import jsma
-
-        return lambda v, x, t, k: jsma(logits_builder(v), x, t, theta=cfg.jsma_theta, gamma=cfg.jsma_gamma)
+        return lambda v, x, t, k: attacks.jsma(logits_builder(v), x, t, key=k, theta=cfg.jsma_theta,
+                                               gamma=cfg.jsma_gamma)
     raise ValueError(f"unknown attack {name!r}; known: {ATTACKS}")
 
 
@@ -96,8 +100,6 @@ def evaluate_attacks(
         t0 = time.time()
         target, extra = None, {}
         if name == "blackbox":
-            from robust_jax.attacks.blackbox import blackbox_attack
-
             if x_holdout is None:
                 raise ValueError("blackbox needs x_holdout (the attacker's holdout set)")
             oracle = lambda z: np.asarray(predict(np.asarray(z, np.float32))).argmax(-1)
@@ -110,8 +112,8 @@ def evaluate_attacks(
             if name == "jsma":
                 target = random_targets(y, clean_logits.shape[-1], jax.random.fold_in(k, 99))
                 labels = target
-            x_adv = attacks.run_attack(fn, variables, x, labels, key=k, batch_size=cfg.batch_size,
-                                       progress=progress, desc=name)
+            x_adv = run_attack(fn, variables, x, labels, key=k, batch_size=cfg.batch_size, progress=progress,
+                               desc=name)
         seconds = time.time() - t0
         adv_pred = predict(x_adv).argmax(-1)
         row = {"attack": name, "n": len(x), "accuracy": metrics.accuracy(clean_pred, y),
@@ -143,3 +145,109 @@ def markdown_table(rows) -> str:
                      f"{r['mean_l2']:.3f} | {r['mean_linf']:.3f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
+
+
+# ---------------------------------------------------------------------------------------------------- defences
+DEFENCES = ("none", "epistemic", "aleatoric")
+PROTOCOLS = ("deck", "adaptive")
+
+
+@dataclasses.dataclass
+class Defence:
+    """A defended classifier: its (stochastic) prediction and the logits each attack protocol differentiates.
+
+    ``kind``: ``"none"`` (the deterministic network), ``"epistemic"`` (MC-dropout: mean softmax over `mc_samples`
+    dropout masks), ``"aleatoric"`` (a heteroscedastic head: mean softmax over `mc_samples` logit draws μ + σ·ε).
+    `model` is a :class:`robust_jax.checkpoints.Classifier` (anything with ``apply``, ``variables``, ``card``).
+    Protocols (:meth:`attacked`): ``"deck"`` attacks one stochastic pass per gradient step (a fresh dropout mask;
+    the aleatoric head's mean logits μ); ``"adaptive"`` uses EOT over `eot_samples` masks / logit draws per step.
+    Every function of ``variables`` is pure (jit-able, variables traced).
+    """
+
+    kind: str
+    model: object
+    mc_samples: int = 20
+    eot_samples: int = 8
+
+    def __post_init__(self):
+        if self.kind not in DEFENCES:
+            raise ValueError(f"unknown defence {self.kind!r}; use one of {DEFENCES}")
+        if self.kind == "aleatoric" and not self.model.card.get("architecture", {}).get("hetero"):
+            raise ValueError(f"the aleatoric defence needs a heteroscedastic checkpoint; "
+                             f"{self.model.card.get('name')} is not one")
+
+        def predictive(variables, x, key):
+            p, log_var = self.probs(variables, x, key)
+            return uncertainty.log_mean_probs(p), uncertainty.scores(p, log_var)
+
+        self._predictive = jax.jit(predictive)  # compiled once per input shape, variables traced
+
+    @property
+    def variables(self):
+        return self.model.variables
+
+    def sample_fn(self, variables):
+        """``(key, x) -> logits`` of one stochastic pass (None for the deterministic network)."""
+        apply = self.model.apply
+        if self.kind == "epistemic":
+            return uncertainty.mc_dropout_logits_fn(apply, variables)
+        if self.kind == "aleatoric":
+            return lambda k, x: uncertainty.hetero_samples(apply(variables, x), k, 1)[0]
+        return None
+
+    def attacked(self, protocol: str) -> Callable:
+        """``variables -> logits_fn`` that the attacks of `protocol` differentiate (an ``attacks.EOT`` when
+        stochastic)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+        deterministic = lambda v: (lambda x: logits_of(self.model.apply(v, x)))
+        if self.kind == "none" or (self.kind == "aleatoric" and protocol == "deck"):
+            return deterministic
+        samples = 1 if protocol == "deck" else self.eot_samples
+        return lambda v: attacks.eot(self.sample_fn(v), samples)
+
+    def probs(self, variables, x, key):
+        """(softmax samples (T, B, C), the head's log-variance (B, C) or None) of the defended prediction."""
+        apply = self.model.apply
+        if self.kind == "epistemic":
+            return uncertainty.mc_dropout_probs(apply, variables, x, key, self.mc_samples), None
+        if self.kind == "aleatoric":
+            outputs = apply(variables, x)
+            return uncertainty.hetero_probs(outputs, key, self.mc_samples), outputs[1]
+        return jax.nn.softmax(logits_of(apply(variables, x)), -1)[None], None
+
+    def mean_logits(self, variables, x, key):
+        """The defended model's logits for energy: the mean logits over its `mc_samples` stochastic passes
+        (the plain logits of the deterministic network; μ for the heteroscedastic head)."""
+        if self.kind != "epistemic":
+            return logits_of(self.model.apply(variables, x))
+        sample = self.sample_fn(variables)
+        return jax.numpy.mean(jax.vmap(lambda k: sample(k, x))(jax.random.split(key, self.mc_samples)), 0)
+
+    def predictive(self, x, key, batch_size: int = 500):
+        """(log mean softmax (N, C), uncertainty scores {name: (N,)}) of the defended prediction over all of `x`
+        (batched over all devices; ``uncertainty.scores``)."""
+        variables = sharding.replicate(self.variables)
+        return sharding.run_sharded(lambda xb: self._predictive(variables, xb, key), np.asarray(x, np.float32),
+                                    batch_size=batch_size)
+
+    def predict(self, x, key, batch_size: int = 500):
+        """log mean softmax (N, C) of the defended prediction (the ``predict`` of :func:`evaluate_attacks`)."""
+        return self.predictive(x, key, batch_size)[0]
+
+
+# ------------------------------------------------------------------------------------------- energy detection
+def energy_detector_report(detector: dict, clean_logits, adv_logits, labels=None):
+    """An energy detector (``energy.fit_detector``, fitted on validation) applied unchanged to test logits.
+
+    Returns (row, scores, is_adversarial): the row holds the rule's TPR (detection rate), FPR, FNR, TNR, the AUROC
+    and AUPR of the score at the detector's temperature, the classifier's adversarial accuracy (given the true
+    `labels`), and the detector's temperature, threshold and validation AUROC; scores / is_adversarial (clean first)
+    are for ROC curves and confusion matrices."""
+    t = detector["temperature"]
+    clean, adv = np.asarray(energy.score(clean_logits, t)), np.asarray(energy.score(adv_logits, t))
+    row = metrics.detection_report(clean, adv, detector["threshold"])
+    if labels is not None:
+        row["adversarial_accuracy"] = metrics.accuracy(adv_logits, labels)
+    row.update(temperature=t, threshold=detector["threshold"], val_auroc=detector.get("val_auroc"))
+    return (row, *metrics.stack_scores(clean, adv))

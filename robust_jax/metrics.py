@@ -9,6 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def softmax(logits, axis: int = -1) -> np.ndarray:
+    """Softmax of numpy logits (stable; keeps the input's float dtype)."""
+    from scipy.special import softmax as _softmax
+
+    return _softmax(np.asarray(logits), axis=axis)
+
+
 def accuracy(logits_or_pred, labels) -> float:
     p = np.asarray(logits_or_pred)
     pred = p.argmax(-1) if p.ndim > 1 else p
@@ -103,6 +110,34 @@ def detection_rates(scores, labels, threshold: float) -> dict[str, float]:
     return {"tpr": tpr, "fpr": fpr, "fnr": 1.0 - tpr, "tnr": 1.0 - fpr}
 
 
+def detection_report(clean_scores, adv_scores, threshold: float | None = None) -> dict[str, float]:
+    """How well a score (higher = adversarial) separates clean inputs (negatives) from adversarial ones (positives):
+    AUROC and AUPR and, given a `threshold`, the rates of the rule score >= threshold (:func:`detection_rates`)."""
+    scores, labels = stack_scores(clean_scores, adv_scores)
+    out = {"auroc": auroc(scores, labels), "aupr": aupr(scores, labels)}
+    if threshold is not None:
+        out = {**detection_rates(scores, labels, threshold), **out}
+    return out
+
+
+def stack_scores(clean_scores, adv_scores) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels): clean scores (label 0) followed by adversarial ones (label 1), for the functions above."""
+    clean, adv = np.asarray(clean_scores, np.float64).ravel(), np.asarray(adv_scores, np.float64).ravel()
+    return np.r_[clean, adv], np.r_[np.zeros(len(clean)), np.ones(len(adv))]
+
+
+def score_aurocs(clean: dict, adversarial: dict, *, lower_is_adversarial=("max_probability",)) -> dict[str, float]:
+    """AUROC of each named score (e.g. ``uncertainty.scores``) at separating clean from adversarial inputs; scores in
+    `lower_is_adversarial` (confidence) are negated. Clean scores are truncated to the adversarial set's length (the
+    adversarial examples are crafted from the first N clean inputs)."""
+    out = {}
+    for name, adv in adversarial.items():
+        adv = np.asarray(adv)
+        sign = -1.0 if name in lower_is_adversarial else 1.0
+        out[name] = auroc(*stack_scores(sign * np.asarray(clean[name])[: len(adv)], sign * adv))
+    return out
+
+
 def detection_confusion(scores, labels, threshold: float, correct) -> dict[str, dict[str, float]]:
     """The deck's confusion matrix: for each cell (TN, FP, FN, TP) its rate within its true class and the
     classifier's accuracy on the examples in that cell (`correct`: per-example bool, prediction == true label)."""
@@ -150,3 +185,28 @@ def nll(logits, labels) -> float:
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     return float(-np.mean(logp[np.arange(len(labels)), labels]))
+
+
+# ----------------------------------------------------------------------------------------- temperature scaling
+TEMPERATURES = tuple(0.5 + 0.05 * i for i in range(51))  # the fit's grid: 0.5 .. 3.0 in steps of 0.05
+
+
+def fit_temperature(logits, labels, temperatures=TEMPERATURES) -> float:
+    """Temperature scaling (Guo et al. 2017): the grid temperature T minimising the NLL of softmax(logits / T).
+    Fit it on held-out clean data (validation) and apply it unchanged elsewhere; T > 1 softens an over-confident
+    model, T < 1 sharpens an under-confident one."""
+    logits = np.asarray(logits)
+    return float(temperatures[int(np.argmin([nll(logits / t, labels) for t in temperatures]))])
+
+
+def calibration_report(logits, labels, *, temperature: float = 1.0, num_bins: int = 15) -> dict:
+    """Calibration of softmax(logits) on (logits, labels): accuracy, mean confidence, top-label ECE (`num_bins`
+    equal-width bins), adaptive ECE (equal-mass bins), NLL, the ECE after temperature scaling by `temperature`, and
+    the reliability bins (as lists, JSON-ready)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    p, pt = softmax(logits), softmax(logits / temperature)
+    rel = reliability(p, labels, num_bins)
+    return {"accuracy": float(np.mean(p.argmax(-1) == labels)), "confidence": float(p.max(-1).mean()),
+            "ece": ece(p, labels, num_bins), "ece_adaptive": ece(p, labels, num_bins, adaptive=True),
+            "nll": nll(logits, labels), "ece_temperature_scaled": ece(pt, labels, num_bins),
+            "reliability": {k: v.tolist() for k, v in rel.items()}}

@@ -5,7 +5,7 @@ All functions are pure and jit-able; sampling is vmapped (one call, not a Python
 - MC-dropout (Gal & Ghahramani 2016): T stochastic forward passes with dropout on (``mc_dropout=True``),
   vmapped over T PRNG keys.
 - Deep ensembles (Lakshminarayanan et al. 2017): members' variables stacked on a leading axis (:func:`stack`);
-  prediction *and training* vmapped over members (:func:`make_ensemble_train_step`).
+  prediction vmapped over members (training too: ``robust_jax.training.make_ensemble_train_step``).
 - Heteroscedastic head (Kendall & Gal 2017): the model returns logit mean μ(x) and log-variance log σ²(x);
   the loss is ``−log (1/T) Σ_t softmax(μ + σ·ε_t)[y]``; the predictive is the mean of the sampled softmaxes.
 """
@@ -64,24 +64,6 @@ def ensemble_probs(apply_fn: Callable, stacked_variables, x):
 def ensemble_predict(apply_fn: Callable, stacked_variables, x):
     probs = ensemble_probs(apply_fn, stacked_variables, x)
     return probs.mean(0), probs
-
-
-def make_ensemble_train_step(model, tx, **train_step_kwargs):
-    """A jitted step training all members at once: ``step(stacked_states, images, labels)``.
-
-    The single-model step of ``robust_jax.training`` vmapped over members (each has its own params, optimizer
-    state and PRNG key); every member sees the same batch.
-    """
-    from robust_jax import training
-
-    single = training.make_train_step(model, tx, jit=False, **train_step_kwargs)
-    return jax.jit(jax.vmap(single, in_axes=(0, None, None)), donate_argnums=(0,))
-
-
-def create_ensemble_states(model, tx, keys, input_shape):
-    from robust_jax import training
-
-    return stack([training.create_train_state(model, tx, k, input_shape) for k in keys])
 
 
 # ------------------------------------------------------------------------------------------ heteroscedastic

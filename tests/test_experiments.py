@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,9 @@ import pytest
 def _run(module, *args, timeout=900):
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
+    # every run ends with a short summary and the folder its results are in
+    assert "finished in" in proc.stdout and f"results in {Path(out_dir).resolve()}/: results.md" in proc.stdout
     return proc.stdout
 
 
@@ -29,6 +33,8 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
         assert {"tpr", "fpr", "fnr", "auroc", "aupr", "adversarial_accuracy", "temperature"} <= set(row)
     assert set(r["confusion_pgd"]) >= {"TN", "FP", "FN", "TP"}
     assert r["le_pgd"][0]["lam"] == 1.0
+    # the LE-PGD histogram is drawn at the headline lambda (the only one here) with the deployed threshold
+    assert r["le_pgd_headline"]["lam"] == 1.0 and "threshold" in r["detector"]
     mc = r["mc_dropout"]
     assert set(mc["rows"]) == {"deterministic", "mc_dropout"} and mc["eot_samples"] == 2
     for row in mc["rows"].values():
@@ -87,7 +93,7 @@ def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
     need_checkpoint("cifar10_resnet10_pgd")
     real_data("cifar10")
     args = ["--models=eps0,pgd", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
-            "--curve_eps=2", "--batch_size=12", f"--out_dir={tmp_path}"]
+            "--curve_eps=2/255", "--batch_size=12", f"--out_dir={tmp_path}"]
     _run("experiments.tradeoff", *args)
     r = json.loads((tmp_path / "results.json").read_text())
     e = r["models"]["eps0"]["evals"]

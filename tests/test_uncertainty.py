@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from robust_jax import models, training, uncertainty
+from robust_jax import models, training, transforms, uncertainty
 
 KEY = jax.random.PRNGKey(0)
 
@@ -52,11 +52,11 @@ def test_ensemble_vmapped_training_equals_members_one_by_one():
     keys = jax.random.split(KEY, 2)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 8)) for _ in range(3)]
-    stacked = uncertainty.create_ensemble_states(m, tx, keys, (32, 32, 3))
-    step = uncertainty.make_ensemble_train_step(m, tx, augment_fn=training.flip_crop)
+    stacked = training.create_ensemble_states(m, tx, keys, (32, 32, 3))
+    step = training.make_ensemble_train_step(m, tx, augment_fn=transforms.flip_crop)
     for xb, yb in batches:
         stacked, _ = step(stacked, xb, yb)
-    single = training.make_train_step(m, tx, augment_fn=training.flip_crop, donate=False)
+    single = training.make_train_step(m, tx, augment_fn=transforms.flip_crop, donate=False)
     for i, k in enumerate(keys):
         s = training.create_train_state(m, tx, k, (32, 32, 3))
         for xb, yb in batches:
