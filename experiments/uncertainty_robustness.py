@@ -3,9 +3,8 @@
     python -m experiments.uncertainty_robustness --dataset=mnist      # BasicCNN: fgsm, cw_l2, jsma, blackbox
     python -m experiments.uncertainty_robustness --dataset=cifar10    # AllConvNet: fgsm
 
-The defaults are sized for a ~15-minute MNIST run on 2 quiet CPU cores (not yet re-timed on a quiet machine after
-the CW default doubled its steps: the committed run took 21.5 min with other jobs on the machine; FGSM and black-box
-on 500 test images, CW-L2 and JSMA on the first 50, CW with 3 binary-search steps of 100 Adam steps: it fools 100%
+The defaults are sized so the MNIST run finishes within 15 minutes on 2 CPU cores (the committed run: 9.5 min on a
+quiet 2-core host, benchmarks/README.md; FGSM and black-box on 500 test images, CW-L2 and JSMA on the first 50, CW with 3 binary-search steps of 100 Adam steps: it fools 100%
 of the undefended network's correctly classified images, where 3 x 50 steps fooled 96%).
 ``results/uncertainty_robustness/mnist`` is this default run;
 ``results/uncertainty_robustness/mnist_reference`` (earlier attack code) was run with
