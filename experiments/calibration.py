@@ -81,7 +81,7 @@ def perturb(m, name: str, x, y, key, batch_size: int):
 
 
 def verdicts(results: dict, perturbations) -> list[str]:
-    """The deck's claims, each checked per perturbation from the numbers (raw ECE and temperature-scaled)."""
+    """The original study's claims, each checked per perturbation from the numbers (raw ECE and temperature-scaled)."""
     out = []
     pairs = [("pgd", "standard", "pixel-wise robustness (PGD training) gives better calibration than standard"),
              ("pgd_rot", "standard", "combining both (PGD + rotations) still gives better calibration than standard"),
@@ -193,7 +193,7 @@ def markdown(ds, results, temps, curves, perts, n) -> str:
         cells = [f"{100 * r[p]['ece']:.1f} / {100 * r[p]['ece_temperature_scaled']:.1f} / {100 * r[p]['accuracy']:.0f}"
                  for p in perts]
         lines.append(f"| {m} | {temps[m]:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "The deck's claims, checked:", "", *verdicts(results, perts)]
+    lines += ["", "The original study's claims, checked:", "", *verdicts(results, perts)]
     for knob, (strengths, names) in curves.items():
         lines += ["", f"ECE (%, raw / temperature-scaled) along {knob} "
                   f"({', '.join(f'{m} {st:g}' for m, st in zip(names, strengths))}):"]

@@ -1,4 +1,4 @@
-"""Energy-based adversarial detection and its evasion by LE-PGD (the second deck's energy results).
+"""Energy-based adversarial detection and its evasion by LE-PGD (the energy study; README).
 
     python -m experiments.energy_detection --dataset=cifar10            # ResNet-10 checkpoint, eps 8/255
     python -m experiments.energy_detection --dataset=mnist              # BasicCNN checkpoint, eps 0.3
@@ -51,11 +51,11 @@ FLAGS = flags.FLAGS
 # The checkpoints' convolutions have a custom VJP (robust_jax.conv), so a rolled loop runs as fast as an unrolled one
 # on CPU and compiles in constant time (benchmarks/README.md): the 30- and 50-step attacks here compile in seconds.
 LOOP = "fori"
-# The deck's detection table (CIFAR-10, ResNet-10): DR / FPR / FNR in %.
-DECK = {"pgd5": (83, 19, 17), "pgd10": (93, 4, 7), "pgd30": (98, 1, 2), "pgd50": (98, 0.7, 2),
+# The original study's detection table (CIFAR-10, ResNet-10): DR / FPR / FNR in %.
+ORIGINAL_STUDY = {"pgd5": (83, 19, 17), "pgd10": (93, 4, 7), "pgd30": (98, 1, 2), "pgd50": (98, 0.7, 2),
         "pgd50_big": (99, 0.02, 0.1)}
 MC_DROPOUT = {"cifar10": "cifar10_allconv", "mnist": "mnist_basic_cnn"}  # issue 4's epistemic (dropout) models
-DECK_CONFUSION = {"TN": 98.78, "FP": 1.22, "FN": 2.14, "TP": 97.86, "accuracy_TN": 83.83}
+ORIGINAL_CONFUSION = {"TN": 98.78, "FP": 1.22, "FN": 2.14, "TP": 97.86, "accuracy_TN": 83.83}
 EVADED = 0.05  # the headline LE-PGD lambda: the smallest at which the deployed detector flags fewer than 5%
 
 
@@ -165,10 +165,11 @@ def analyse(s, logits, y_test) -> dict:
                               "std_energy": float(e(test[n]).std()), "accuracy": metrics.accuracy(test[n], y_test)}
                              for n in s.curve_steps]}
     table = [{"attack": f"pgd{n}", "steps": n, "eps": s.eps, **report(fit(val[n]), test[n])[0],
-              "deck": DECK.get(f"pgd{n}")} for n in s.det_steps]
+              "original_study": ORIGINAL_STUDY.get(f"pgd{n}")} for n in s.det_steps]
     big = max(s.det_steps)
     table.append({"attack": f"pgd{big}_big", "steps": big, "eps": s.big_eps,
-                  **report(fit(logits["val_big"]), logits["test_big"])[0], "deck": DECK.get(f"pgd{big}_big")})
+                  **report(fit(logits["val_big"]), logits["test_big"])[0],
+                  "original_study": ORIGINAL_STUDY.get(f"pgd{big}_big")})
     r["detector_table"] = table
 
     det = fit(val[s.fixed])  # the deployed detector
@@ -176,7 +177,7 @@ def analyse(s, logits, y_test) -> dict:
     correct = np.r_[test[0].argmax(-1) == y_test, test[s.fixed].argmax(-1) == y_test]
     r["detector"] = {**det, "fitted_on": f"val clean vs PGD-{s.fixed}"}
     r["confusion_pgd"] = {"steps": s.fixed, **metrics.detection_confusion(scores, labels, det["threshold"], correct),
-                          "deck": DECK_CONFUSION}
+                          "original_study": ORIGINAL_CONFUSION}
     det_fpr = fit(val[s.fixed], "fpr")  # the threshold set for FPR <= target on validation (the target is at 1%)
     at_fpr = report(det_fpr, test[s.fixed])[0]
     met = lambda x: bool(x["tpr"] >= 0.98 and x["fpr"] <= 0.01)  # noqa: E731
@@ -333,19 +334,20 @@ def markdown(r, figures=()) -> str:
     lines += [f"| {x['steps']} | {x['mean_energy']:.3f} ± {x['std_energy']:.3f} | {_pct(x['accuracy'])} |"
               for x in r["energy_vs_steps"]]
     lines += ["", "## Detector per attack (T and threshold fitted on validation for each attack)", "",
-              "| attack | eps | DR % | FPR % | FNR % | AUROC | AUPR | adv. acc % | T | deck DR/FPR/FNR % |",
+              "| attack | eps | DR % | FPR % | FNR % | AUROC | AUPR | adv. acc % | T | original study DR/FPR/FNR % |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["detector_table"]:
-        deck = "/".join(f"{v:g}" for v in x["deck"]) if x.get("deck") else "—"
+        orig = "/".join(f"{v:g}" for v in x["original_study"]) if x.get("original_study") else "—"
         lines.append(f"| {x['attack']} | {_eps(x['eps'])} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {_pct(x['fnr'])} | "
                      f"{x['auroc']:.4f} | {x['aupr']:.4f} | {_pct(x['adversarial_accuracy'])} | "
-                     f"{x['temperature']:g} | {deck} |")
+                     f"{x['temperature']:g} | {orig} |")
     cm = r["confusion_pgd"]
     lines += ["", f"## Confusion matrix, PGD-{cm['steps']} (deployed detector)", "",
-              "| cell | rate % | count | classifier accuracy in cell % | deck rate % |", "|---|---|---|---|---|"]
+              "| cell | rate % | count | classifier accuracy in cell % | original study rate % |",
+              "|---|---|---|---|---|"]
     for k in ("TN", "FP", "FN", "TP"):
         lines.append(f"| {k} | {_pct(cm[k]['rate'])} | {cm[k]['count']} | {_pct(cm[k]['accuracy'])} | "
-                     f"{cm['deck'][k]} |")
+                     f"{cm['original_study'][k]} |")
     tgt = r["target_pgd"]
     lines += ["", f"Target on test, PGD-{tgt['steps']}: TPR ≥ 98% at FPR ≤ 1%."]
     for rule, v in tgt.items():

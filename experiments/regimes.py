@@ -1,6 +1,6 @@
 """The CIFAR-10 training regimes compared by experiments.tradeoff and experiments.calibration (configs as code).
 
-``REGIMES``: name -> pretrained checkpoint. ``MAIN``: the four regimes of the deck (standard, PGD-trained,
+``REGIMES``: name -> pretrained checkpoint. ``MAIN``: the four regimes of the original study (standard, PGD-trained,
 rotation-trained, both). ``SERIES``: the trade-off curves, each one training knob turned up from strength 0 with
 everything else in the recipe fixed (``KNOBS``: the hyper-parameters allowed to change along a series; tested against
 the checkpoints' cards). The adversarial-training eps series uses the ``pgd`` checkpoint's recipe (FGSM with random

@@ -1,4 +1,4 @@
-"""Pixel-wise vs transformation robustness: can one CIFAR-10 model have both? (Kamath et al. 2021, the second deck)
+"""Pixel-wise vs transformation robustness: can one CIFAR-10 model have both? (Kamath et al. 2021)
 
     python -m experiments.tradeoff --dataset=cifar10 --transform=rotation
     python -m experiments.tradeoff --dataset=cifar10                         # every family

@@ -1,4 +1,4 @@
-"""Can uncertainty estimates mitigate adversarial attacks? (the first deck's study)
+"""Can uncertainty estimates mitigate adversarial attacks? (the uncertainty study; README, "the original study")
 
     python -m experiments.uncertainty_robustness --dataset=mnist      # BasicCNN: fgsm, cw_l2, jsma, blackbox
     python -m experiments.uncertainty_robustness --dataset=cifar10    # AllConvNet: fgsm
@@ -15,14 +15,16 @@ Defences: ``none`` (deterministic network), ``epistemic`` (MC-dropout: the same 
 softmax of T masks), ``aleatoric`` (heteroscedastic head, Kendall & Gal 2017: mean softmax of T logit samples
 μ + σ·ε). Every defence is attacked two ways:
 
-- ``deck``: as a CleverHans user would have: the attack differentiates one forward pass per gradient step (for
-  MC-dropout a fresh dropout mask each step; for the aleatoric head its mean logits μ).
+- ``single_pass`` (the original study's protocol): as a CleverHans user would have: the attack differentiates one
+  forward pass per gradient step (for MC-dropout a fresh dropout mask each step; for the aleatoric head its mean
+  logits μ).
 - ``adaptive``: EOT (Athalye et al. 2018) over S dropout masks / logit-noise draws per step, and CW-L2 with a
   confidence margin (``--adaptive_cw_confidence``; Carlini & Wagner 2017 broke MC-dropout detection this way) — the
   honest number.
 
 The deterministic model and the black-box attack (labels only) have no randomness to adapt to: their adaptive
-rows repeat the deck rows (marked ``"same_as_deck": true``). Accuracy is always that of the defended prediction.
+rows repeat the single-pass rows (marked ``"same_as_single_pass": true``). Accuracy is always that of the defended
+prediction.
 Writes results.json ({"rows": [...]}), results.md and PNG figures to --out_dir.
 """
 
@@ -63,8 +65,8 @@ cli.count("eot_samples", 8, "S: samples per gradient step of the adaptive (EOT) 
 cli.count("cw_steps", 100, "CW-L2 Adam steps per binary-search step")
 cli.count("cw_binary_search_steps", 3, "CW-L2 binary-search steps")
 flags.DEFINE_float("adaptive_cw_confidence", 5.0,
-                   "CW-L2 confidence margin kappa (logits) of the adaptive protocol; the deck protocol uses 0. A "
-                   "minimal (kappa=0) example sits on the decision boundary, where a stochastic predictive flips "
+                   "CW-L2 confidence margin kappa (logits) of the adaptive protocol; the single-pass protocol uses 0. "
+                   "A minimal (kappa=0) example sits on the decision boundary, where a stochastic predictive flips "
                    "back at random: the adaptive attacker asks for a margin on every EOT sample", lower_bound=0.0)
 cli.count("blackbox_rounds", 6, "substitute training rounds (Jacobian augmentation)")
 cli.batch_size(250, "attack batch size")
@@ -76,8 +78,9 @@ cli.validate(["dataset", "defences"], lambda v: next(filter(None, (cli.checkpoin
     f"{CHECKPOINTS[v['dataset']][d]}") for d in v["defences"])), None))
 FLAGS = flags.FLAGS
 
-# The deck's numbers (%, None / Epistemic / Aleatoric). Metric: "adv" = adversarial accuracy, "fool" = fooling rate.
-DECK = {
+# The original study's numbers (%, None / Epistemic / Aleatoric).
+# Metric: "adv" = adversarial accuracy, "fool" = fooling rate.
+ORIGINAL_STUDY = {
     "mnist": {"clean": ("acc", {"none": "99.37", "epistemic": "98.50", "aleatoric": "99.35"}),
               "fgsm": ("adv", {"none": "9.96", "epistemic": "22.92", "aleatoric": "8.75"}),
               "cw_l2": ("fool", {"none": "99–100", "epistemic": "30–37", "aleatoric": "67–80"}),
@@ -131,8 +134,8 @@ def main(argv):
     # the attacker may use either protocol: an example counts as robust only if it survives both
     worst_case = [{"defence": d, "attack": a, "n": int(len(c)),
                    "adversarial_accuracy": float(np.mean(c & study.correct.get((d, a, "adaptive"), c)))}
-                  for (d, a, p), c in study.correct.items() if p == "deck"]
-    detection = [{"defence": d, "attack": setting.rsplit("_", 1)[0], "protocol": setting.rsplit("_", 1)[1],
+                  for (d, a, p), c in study.correct.items() if p == "single_pass"]
+    detection = [{"defence": d, "attack": setting.rsplit("/", 1)[0], "protocol": setting.rsplit("/", 1)[1],
                   "score": score, "auroc": auroc, "n": int(len(next(iter(adv.values()))))}
                  for d, per in study.scores.items() for setting, adv in per.items() if setting != "clean"
                  for score, auroc in metrics.score_aurocs(per["clean"], adv).items()]
@@ -145,7 +148,8 @@ def main(argv):
               "checkpoints": {d: CHECKPOINTS[s.dataset][d] for d in FLAGS.defences},
               "attack_config": dataclasses.asdict(s.cfg), "rows": study.rows, "worst_case": worst_case,
               "eps_sweep": {"eps": s.sweep, "accuracy": study.sweeps}, "detection": detection,
-              "deck": {k: {"metric": v[0], **v[1]} for k, v in DECK[s.dataset].items()}, "figures": figures,
+              "original_study": {k: {"metric": v[0], **v[1]} for k, v in ORIGINAL_STUDY[s.dataset].items()},
+              "figures": figures,
               "warnings": study.warnings, "seconds": seconds}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "results.md").write_text(markdown(s.dataset, study.rows, detection, s.eps, s.n_slow, s.n, seconds,
@@ -168,12 +172,12 @@ def attack_defence(defence, d_i, s, x, y, x_hold, key, study) -> None:
     study.scores[name] = {"clean": {k: np.asarray(v) for k, v in clean_scores.items()}}
     for p_i, protocol in enumerate(FLAGS.protocols):
         for a_i, attack in enumerate(s.attacks):
-            if protocol == "adaptive" and (deterministic or attack == "blackbox") and "deck" in FLAGS.protocols:
-                # nothing to adapt to (no randomness / labels only): the adaptive row repeats the deck row
-                prev = next(r for r in study.rows if (r["defence"], r["attack"], r["protocol"]) == (name, attack,
-                                                                                                    "deck"))
-                study.rows.append({**prev, "protocol": "adaptive", "same_as_deck": True})
-                study.correct[name, attack, "adaptive"] = study.correct[name, attack, "deck"]
+            if protocol == "adaptive" and (deterministic or attack == "blackbox") and "single_pass" in FLAGS.protocols:
+                # nothing to adapt to (no randomness / labels only): the adaptive row repeats the single-pass row
+                prev = next(r for r in study.rows
+                            if (r["defence"], r["attack"], r["protocol"]) == (name, attack, "single_pass"))
+                study.rows.append({**prev, "protocol": "adaptive", "same_as_single_pass": True})
+                study.correct[name, attack, "adaptive"] = study.correct[name, attack, "single_pass"]
                 continue
             n_a = s.n_slow if attack in SLOW else s.n
             adaptive = protocol == "adaptive"
@@ -187,18 +191,18 @@ def attack_defence(defence, d_i, s, x, y, x_hold, key, study) -> None:
                 stochastic_fn=defence.sample_fn(defence.variables), return_adversarials=True)
             adv_logp, adv_scores = defence.predictive(row.pop("x_adv"), pred_key)
             study.correct[name, attack, protocol] = np.asarray(adv_logp).argmax(-1) == y[:n_a]
-            study.scores[name][f"{attack}_{protocol}"] = {k: np.asarray(v) for k, v in adv_scores.items()}
+            study.scores[name][f"{attack}/{protocol}"] = {k: np.asarray(v) for k, v in adv_scores.items()}
             row.update(dataset=s.dataset, defence=name, protocol=protocol, checkpoint=CHECKPOINTS[s.dataset][name],
                        seed=FLAGS.seed, eps=s.eps if attack in ("fgsm", "blackbox") else None,
                        mc_samples=FLAGS.mc_samples if not deterministic else 1,
                        eot_samples=FLAGS.eot_samples if adaptive and not deterministic else 0,
-                       cw_confidence=cfg.cw_confidence if attack == "cw_l2" else None, same_as_deck=False)
+                       cw_confidence=cfg.cw_confidence if attack == "cw_l2" else None, same_as_single_pass=False)
             study.warnings[f"{name}/{protocol}"] = row["warnings"]
             study.rows.append(row)
             cli.say(f"  {name:9s} {protocol:8s} {attack:8s} n={row['n']:5d} clean {100 * row['accuracy']:6.2f}% "
                     f"adv {100 * row['adversarial_accuracy']:6.2f}% fooling {100 * row['fooling_rate']:6.2f}% "
                     f"({time.time() - t0:.0f} s)")
-        if "fgsm" in s.attacks and (protocol == "deck" or not deterministic):
+        if "fgsm" in s.attacks and (protocol == "single_pass" or not deterministic):
             study.sweeps[f"{name} ({protocol})"] = fgsm_sweep(defence, protocol, s, x, y, key, clean_logp, predict)
 
 
@@ -246,7 +250,7 @@ def make_figures(s, study, out) -> list[str]:
         for sname in ("predictive_entropy", "mutual_information", "aleatoric_variance"):
             for setting, adv in per.items():
                 if sname in per["clean"] and setting != "clean" and setting.endswith(
-                        "adaptive" if name != "none" else "deck"):
+                        "adaptive" if name != "none" else "single_pass"):
                     sc, lab = metrics.stack_scores(per["clean"][sname][:len(adv[sname])], adv[sname])
                     fpr, tpr, _ = metrics.roc_curve(sc, lab)
                     curves[f"{sname}, {setting} (N={len(adv[sname])})"] = (fpr, tpr, metrics.auroc(sc, lab))
@@ -279,28 +283,29 @@ def markdown(ds, rows, detection, eps, n_slow, n, seconds, worst_case=()) -> str
     defences = list(dict.fromkeys(r["defence"] for r in rows))
     lines = [f"# Uncertainty vs. attacks — {ds}", "",
              f"N = {n} test images (CW-L2 and JSMA: first {n_slow}); FGSM / black-box eps = {_eps(eps)}. "
-             "`deck` = attack as in the deck (one stochastic pass per gradient / the mean logits); "
+             "`single_pass` = the original study's protocol (one stochastic pass per gradient / the mean logits); "
              "`adaptive` = EOT over the defence's randomness (CW-L2 with a confidence margin). Values in %. "
              "Last column: adversarial accuracy when the attacker uses whichever protocol fools each example.", "",
-             "| defence | metric | deck | ours (deck protocol) | ours (adaptive) | ours (worst case, adv. acc.) |",
+             "| defence | metric | original study | ours (single pass) | ours (adaptive) "
+             "| ours (worst case, adv. acc.) |",
              "|---|---|---|---|---|---|"]
     worst = {(w["defence"], w["attack"]): w["adversarial_accuracy"] for w in worst_case}
-    deck = DECK[ds]
+    orig = ORIGINAL_STUDY[ds]
     for d in defences:
         first = next(r for r in rows if r["defence"] == d)
-        lines.append(f"| {d} | clean accuracy | {deck['clean'][1].get(d, '—')} | {pct(first['accuracy'])} | "
+        lines.append(f"| {d} | clean accuracy | {orig['clean'][1].get(d, '—')} | {pct(first['accuracy'])} | "
                      f"{pct(first['accuracy'])} | |")
         for attack in dict.fromkeys(r["attack"] for r in rows):
-            metric, values = deck.get(attack, ("adv" if attack in ("fgsm", "blackbox") else "fool", {}))
+            metric, values = orig.get(attack, ("adv" if attack in ("fgsm", "blackbox") else "fool", {}))
             key = "adversarial_accuracy" if metric == "adv" else "fooling_rate"
             label = f"{attack} {'adv. accuracy' if metric == 'adv' else 'fooling rate'}"
             got = {r["protocol"]: r for r in rows if r["defence"] == d and r["attack"] == attack}
-            cells = [pct(got[p][key]) + (" (=deck)" if got[p].get("same_as_deck") else "") if p in got else "—"
-                     for p in ("deck", "adaptive")]
+            same = lambda r: " (=single pass)" if r.get("same_as_single_pass") else ""  # noqa: E731
+            cells = [pct(got[p][key]) + same(got[p]) if p in got else "—" for p in PROTOCOLS]
             lines.append(f"| {d} | {label} | {values.get(d, '—')} | {cells[0]} | {cells[1]} | "
                          f"{pct(worst.get((d, attack)))} |")
     lines += ["", "Detection of adversarial inputs by uncertainty (AUROC, clean vs adversarial; adaptive protocol, "
-              "deck protocol where the attack has no adaptive form; — where a score does not apply):",
+              "single-pass protocol where the attack has no adaptive form; — where a score does not apply):",
               "",
               "| defence | attack | predictive entropy | mutual information | aleatoric variance |",
               "|---|---|---|---|---|"]
@@ -308,8 +313,8 @@ def markdown(ds, rows, detection, eps, n_slow, n, seconds, worst_case=()) -> str
         for attack in dict.fromkeys(x["attack"] for x in detection if x["defence"] == d):
             got = {p: {x["score"]: x["auroc"] for x in detection
                        if x["defence"] == d and x["attack"] == attack and x["protocol"] == p}
-                   for p in ("deck", "adaptive")}
-            get = got["adaptive"] or got["deck"]
+                   for p in PROTOCOLS}
+            get = got["adaptive"] or got["single_pass"]
             if d == "none":  # a deterministic network has no mutual information (it is 0 for every input)
                 get.pop("mutual_information", None)
             cell = lambda s, get=get: f"{get[s]:.3f}" if s in get else "—"  # noqa: E731

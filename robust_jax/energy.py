@@ -5,7 +5,7 @@ Convention (Grathwohl et al. 2020, "Your classifier is secretly an energy based 
 
     energy(x) = -T · logsumexp(logits(x) / T)
 
-Low energy = high density = "in-distribution". The second deck calls the softmax *denominator*
+Low energy = high density = "in-distribution". The original energy study calls the softmax *denominator*
 (``sum_j exp(z_j)``, i.e. ``exp(logsumexp)``) "the energy" and shows it *rising* with PGD strength; in our
 convention that is energy *falling*: PGD pushes the wrong class's logit up, so logsumexp grows and energy drops
 (pinned by ``tests/test_energy.py`` on the trained ``cifar10_resnet10``). LE-PGD ascends

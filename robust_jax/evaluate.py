@@ -149,7 +149,7 @@ def markdown_table(rows) -> str:
 
 # ---------------------------------------------------------------------------------------------------- defences
 DEFENCES = ("none", "epistemic", "aleatoric")
-PROTOCOLS = ("deck", "adaptive")
+PROTOCOLS = ("single_pass", "adaptive")
 
 
 @dataclasses.dataclass
@@ -159,7 +159,8 @@ class Defence:
     ``kind``: ``"none"`` (the deterministic network), ``"epistemic"`` (MC-dropout: mean softmax over `mc_samples`
     dropout masks), ``"aleatoric"`` (a heteroscedastic head: mean softmax over `mc_samples` logit draws μ + σ·ε).
     `model` is a :class:`robust_jax.checkpoints.Classifier` (anything with ``apply``, ``variables``, ``card``).
-    Protocols (:meth:`attacked`): ``"deck"`` attacks one stochastic pass per gradient step (a fresh dropout mask;
+    Protocols (:meth:`attacked`): ``"single_pass"`` (the protocol of a naive attacker, and of the study this
+    project reproduces) attacks one stochastic pass per gradient step (a fresh dropout mask;
     the aleatoric head's mean logits μ); ``"adaptive"`` uses EOT over `eot_samples` masks / logit draws per step.
     Every function of ``variables`` is pure (jit-able, variables traced).
     """
@@ -201,9 +202,9 @@ class Defence:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
         deterministic = lambda v: (lambda x: logits_of(self.model.apply(v, x)))
-        if self.kind == "none" or (self.kind == "aleatoric" and protocol == "deck"):
+        if self.kind == "none" or (self.kind == "aleatoric" and protocol == "single_pass"):
             return deterministic
-        samples = 1 if protocol == "deck" else self.eot_samples
+        samples = 1 if protocol == "single_pass" else self.eot_samples
         return lambda v: attacks.eot(self.sample_fn(v), samples)
 
     def probs(self, variables, x, key):

@@ -139,7 +139,7 @@ def score_aurocs(clean: dict, adversarial: dict, *, lower_is_adversarial=("max_p
 
 
 def detection_confusion(scores, labels, threshold: float, correct) -> dict[str, dict[str, float]]:
-    """The deck's confusion matrix: for each cell (TN, FP, FN, TP) its rate within its true class and the
+    """The original study's confusion matrix: for each cell (TN, FP, FN, TP) its rate within its true class and the
     classifier's accuracy on the examples in that cell (`correct`: per-example bool, prediction == true label)."""
     scores, labels = _check(scores, labels)
     correct = np.asarray(correct).astype(bool).ravel()

@@ -89,11 +89,11 @@ class _Head(nn.Module):
 
 
 class BasicCNN(nn.Module):
-    """The deck's MNIST ConvNet: conv3x3-64, conv3x3-64, max-pool, dropout, dense-128, dropout, dense-10."""
+    """The original study's MNIST ConvNet: conv3x3-64, conv3x3-64, max-pool, dropout, dense-128, dropout, dense-10."""
 
     num_classes: int = 10
     dropout_rate: float = 0.25  # after the pooling layer
-    dense_dropout_rate: float | None = None  # after dense-128; default 2 * dropout_rate (0.5, as in the deck)
+    dense_dropout_rate: float | None = None  # after dense-128; default 2 * dropout_rate (0.5, as in the original study)
     hetero: bool = False
     mean: Sequence[float] = MNIST_MEAN
     std: Sequence[float] = MNIST_STD

@@ -73,14 +73,15 @@ def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data)
     combos = set()
     for row in r["rows"]:
         assert keys <= set(row)
-        assert row["defence"] in ("none", "epistemic", "aleatoric") and row["protocol"] in ("deck", "adaptive")
+        assert row["defence"] in ("none", "epistemic", "aleatoric") and row["protocol"] in ("single_pass", "adaptive")
         assert 0 <= row["adversarial_accuracy"] <= 1 and 0 <= row["fooling_rate"] <= 1
         combos.add((row["defence"], row["attack"], row["protocol"]))
     assert len(combos) == len(r["rows"]) == 3 * 4 * 2
     adv = {(row["defence"], row["attack"], row["protocol"]): row["adversarial_accuracy"] for row in r["rows"]}
     assert len(r["worst_case"]) == 3 * 4
     for w in r["worst_case"]:  # robust under both protocols: at most the smaller of the two accuracies
-        assert w["adversarial_accuracy"] <= min(adv[w["defence"], w["attack"], p] for p in ("deck", "adaptive")) + 1e-9
+        both = [adv[w["defence"], w["attack"], p] for p in ("single_pass", "adaptive")]
+        assert w["adversarial_accuracy"] <= min(both) + 1e-9
     assert {x["score"] for x in r["detection"]} >= {"predictive_entropy", "mutual_information", "aleatoric_variance"}
     for name in ("results.md", "fgsm_accuracy_vs_eps.png", "uncertainty_hist_epistemic.png",
                  "uncertainty_roc_aleatoric.png"):

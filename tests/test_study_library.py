@@ -29,8 +29,8 @@ def test_defence_attacked_logits_per_protocol():
         np.testing.assert_allclose(none.attacked(protocol)(net.variables)(x), net.apply(net.variables, x), rtol=1e-6)
     assert none.sample_fn(net.variables) is None
     epi = evaluate.Defence("epistemic", net, mc_samples=4, eot_samples=3)
-    deck, adaptive = epi.attacked("deck")(net.variables), epi.attacked("adaptive")(net.variables)
-    assert isinstance(deck, attacks.EOT) and isinstance(adaptive, attacks.EOT)
+    single, adaptive = epi.attacked("single_pass")(net.variables), epi.attacked("adaptive")(net.variables)
+    assert isinstance(single, attacks.EOT) and isinstance(adaptive, attacks.EOT)
     # an attack through the adaptive protocol equals one through EOT over 3 dropout masks
     ref = attacks.eot(uncertainty.mc_dropout_logits_fn(net.apply, net.variables), 3)
     np.testing.assert_allclose(attacks.fgsm(adaptive, x, y, key=KEY, eps=0.1),
@@ -65,8 +65,8 @@ def test_aleatoric_defence_needs_a_heteroscedastic_head():
     d = evaluate.Defence("aleatoric", het, mc_samples=3)
     logp, scores = d.predictive(np.asarray(x), KEY)
     assert logp.shape == (len(x), 10) and "aleatoric_variance" in scores
-    mu = het.apply(het.variables, x)[0]  # the deck attacks the mean logits
-    np.testing.assert_allclose(d.attacked("deck")(het.variables)(x), mu, rtol=1e-6)
+    mu = het.apply(het.variables, x)[0]  # the single-pass protocol attacks the mean logits
+    np.testing.assert_allclose(d.attacked("single_pass")(het.variables)(x), mu, rtol=1e-6)
 
 
 def test_energy_detector_report_applies_the_fitted_detector():
