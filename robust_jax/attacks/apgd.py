@@ -120,22 +120,11 @@ def sphere_start(keys, x, radius, norm: str):
 
 def first_success(run: Callable, n_runs: int, x):
     """Per example, the first successful of `n_runs` runs (``run(r) -> engine.Result``), else the one with the
-    highest score (`x`: the batch, returned where no run has a finite score) — sequentially (``lax.scan``: one
-    run's memory, compiled once), as the reference runs its restarts and target classes on the points still
-    robust."""
-    if n_runs == 1:
-        return run(0)
-
-    def body(best, r):
-        res = run(r)
-        res = res._replace(score=res.score.astype(jnp.float32))
-        take = ~best.success & (res.success | (res.score > best.score))
-        pick = lambda a, b: jnp.where(bcast(take, a), a, b)
-        return engine.Result(pick(res.x, best.x), best.success | res.success, pick(res.score, best.score)), None
-
+    highest score, else `x` (where no run has a finite score): ``engine.first_success`` from the clean batch —
+    sequential, as the reference runs its restarts and target classes on the points still robust."""
     n = x.shape[0]
     none = engine.Result(x, jnp.zeros((n,), bool), jnp.full((n,), -jnp.inf, jnp.float32))
-    return jax.lax.scan(body, none, jnp.arange(n_runs))[0]
+    return engine.first_success(run, n_runs, init=none)
 
 
 def top_other_classes(logits, y, k: int):

@@ -19,7 +19,8 @@ DeepMind's ``adversarial_robustness/jax``):
   ``early_stop=True`` freezes an example at its first success.
 
 The loop runs as ``lax.fori_loop`` or unrolled (``loop``, see ``robust_jax.attacks._core.choose_loop``). Step ``i``
-uses the key ``fold_in(key, i)``. Restarts are a ``vmap`` over keys (:func:`best_of`), eps sweeps a ``vmap`` over
+uses the key ``fold_in(key, i)``. Restarts are a ``vmap`` over keys (:func:`best_of`) or a sequential scan
+(:func:`first_success`; both apply one selection rule, :func:`keep_first_success`), eps sweeps a ``vmap`` over
 budgets (in the attacks). Nothing here knows about models: EOT lives in the ``value_fn``
 (``robust_jax.attacks._core.loss_and_logits``).
 """
@@ -234,11 +235,34 @@ def run(
     return out if record else out[steps]
 
 
+def keep_first_success(best: Result, new: Result) -> Result:
+    """The selection rule over runs (restarts, target classes), for one pair: per example keep `best` if it
+    succeeded, else take `new` if it succeeded or has a strictly higher score (ties keep the earlier run)."""
+    score = new.score.astype(best.score.dtype)
+    take = ~best.success & (new.success | (score > best.score))
+    pick = lambda a, b: jnp.where(bcast(take, a), a, b)
+    return Result(pick(new.x, best.x), best.success | new.success, pick(score, best.score))
+
+
+def first_success(run: Callable, n_runs: int, init: Result | None = None) -> Result:
+    """Per example, the first successful of the runs ``run(r) -> Result`` (r = 0 .. n_runs−1), else the one with
+    the highest score (:func:`keep_first_success` folded over the runs in order). Sequential (``lax.scan``: one
+    run's memory, compiled once). `init` is the result before any run (e.g. the clean batch with score ``−inf``,
+    kept where no run has a finite score); by default the first run."""
+    if n_runs < 1:
+        raise ValueError(f"need n_runs >= 1, got {n_runs}")
+    if init is None or n_runs == 1:
+        init, first = run(0), 1
+    else:
+        first = 0
+    if first == n_runs:
+        return init
+    step = lambda best, r: (keep_first_success(best, run(r)), None)
+    return jax.lax.scan(step, init, jnp.arange(first, n_runs))[0]
+
+
 def best_of(results: Result) -> Result:
-    """Per-example best over a leading restart axis (R, N, ...): the first successful restart, else the one with
-    the highest score. Needs success and score (``keep="best"`` or ``evaluate_last=True``)."""
-    ok, score = results.success, results.score
-    first_ok = jnp.argmax(ok, axis=0)
-    pick = jnp.where(jnp.any(ok, axis=0), first_ok, jnp.argmax(score, axis=0))  # (N,)
-    take = lambda a: jnp.take_along_axis(a, bcast(pick[None], a), axis=0)[0]
-    return Result(take(results.x), take(ok), take(score))
+    """:func:`first_success` over a leading restart axis (R, N, ...) of results computed together (a ``vmap`` over
+    keys): per example the first successful restart, else the one with the highest score. Needs success and score
+    (``keep="best"`` or ``evaluate_last=True``)."""
+    return first_success(lambda r: jax.tree.map(lambda a: a[r], results), results.x.shape[0])
