@@ -133,6 +133,114 @@ def test_vmap_and_jit():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+VMAP_AXES = {"x": (0, None), "w": (None, 0), "x+w": (0, 0)}
+
+
+def _vmap_data(axes, b=4):
+    """B vmapped elements: x (B, 2, 9, 9, 8) and w (B, 3, 3, 8, 12), or one of them unbatched."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((b, 2, 9, 9, 8), np.float32)
+    w = (rng.standard_normal((b, 3, 3, 8, 12)) / np.sqrt(72)).astype(np.float32)
+    return jnp.asarray(x if axes[0] == 0 else x[0]), jnp.asarray(w if axes[1] == 0 else w[0])
+
+
+def _elem(a, ax, i):
+    return a if ax is None else a[i]
+
+
+@needs_onednn
+@pytest.mark.parametrize("cdt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batched", list(VMAP_AXES))
+def test_vmap_matches_loop(batched, cdt):
+    """vmap over x, w or both (stride 2, asymmetric padding): values, the gradients of a loss summed over the vmapped
+    axis (grad of vmap) and per-element gradients (vmap of grad) equal a Python loop over the elements, to f32
+    summation order (the same kernel runs per element, merged or not); with bf16 compute they are also within the
+    bf16 bound of exact f32 lax (see _check). The oneDNN call count shows the batching: one forward call for all
+    elements when only x is batched, one per element when the weights are."""
+    if cdt == "bfloat16" and not onednn.native_bf16():
+        pytest.skip("no native bf16")
+    axes = VMAP_AXES[batched]
+    s, p = (2, 2), ((1, 0), (0, 1))
+    x, w = _vmap_data(axes)
+    f = lambda x, w: onednn.conv(x, w, s, p, jnp.dtype(cdt))  # noqa: E731
+    loss = lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    loop = lambda fn, x, w: [fn(_elem(x, axes[0], i), _elem(w, axes[1], i)) for i in range(4)]  # noqa: E731
+
+    n0 = onednn.exec_count()
+    y = jax.jit(jax.vmap(f, axes))(x, w).block_until_ready()
+    assert onednn.exec_count() - n0 == (1 if batched == "x" else 4)
+    y_loop = np.stack(jax.device_get(jax.jit(lambda x, w: loop(f, x, w))(x, w)))
+    np.testing.assert_allclose(y, y_loop, rtol=1e-6, atol=1e-6 * _amax(y_loop))
+
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.vmap(loss, axes)(x, w)), (0, 1)))(x, w)
+    g_loop = jax.jit(jax.grad(lambda x, w: sum(loop(loss, x, w)), (0, 1)))(x, w)
+    pe = jax.jit(jax.vmap(jax.grad(loss, (0, 1)), axes))(x, w)
+    pe_loop = jax.jit(lambda x, w: loop(jax.grad(loss, (0, 1)), x, w))(x, w)
+    for name, a, b in [("dx", g[0], g_loop[0]), ("dw", g[1], g_loop[1]),
+                       ("per-element dx", pe[0], np.stack([e[0] for e in pe_loop])),
+                       ("per-element dw", pe[1], np.stack([e[1] for e in pe_loop]))]:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * _amax(b), err_msg=name)
+    if cdt == "bfloat16":  # and still bf16-accurate against exact f32 lax, per element
+        ref = jax.vmap(_lax(s, p), axes)(x, w)
+        assert 1e-4 < _rel_l2(y, ref) < 8e-3
+
+
+@needs_onednn
+def test_vmap_over_x_is_one_custom_call():
+    """vmap over x only (an eps sweep, MC-dropout samples after a dropout layer): the compiled HLO has one forward and
+    one backward-data custom call per conv and no loop, the operands carry the vmapped axis (weights with a size-1
+    leading dim), and oneDNN runs once per conv; the unused weight gradients of an input-gradient are dropped."""
+    x, w = _vmap_data(VMAP_AXES["x"], b=5)
+    f = lambda x, w: onednn.conv(x, w, (1, 1), "SAME", jnp.bfloat16 if onednn.native_bf16() else jnp.float32)  # noqa: E731
+    gx = jax.jit(jax.vmap(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2)), (0, None)))
+    hlo = gx.lower(x, w).compile().as_text()
+    assert hlo.count('custom_call_target="onednn_conv_fwd"') == 1
+    assert hlo.count('custom_call_target="onednn_conv_bwd_data"') == 1
+    assert "onednn_conv_bwd_weights" not in hlo and " while(" not in hlo
+    stablehlo = gx.lower(x, w).as_text()
+    assert "tensor<5x2x9x9x8x" in stablehlo and "tensor<1x3x3x8x12x" in stablehlo
+    n0 = onednn.exec_count()
+    jax.block_until_ready(gx(x, w))
+    assert onednn.exec_count() - n0 == 2
+
+
+@needs_onednn
+def test_nested_vmap_ensemble_of_eps_sweeps():
+    """An ensemble vmap (weights batched) around an input vmap (x batched): one oneDNN call per ensemble member,
+    the inner axis merged into the batch; equal to the loop over both axes."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 2, 8, 8, 8), np.float32))
+    w = jnp.asarray((rng.standard_normal((3, 3, 3, 8, 6)) * 0.1).astype(np.float32))
+    f = lambda x, w: onednn.conv(x, w, (1, 1), "SAME")  # noqa: E731
+    nested = jax.jit(jax.vmap(jax.vmap(f, (0, None)), (None, 0)))
+    n0 = onednn.exec_count()
+    y = nested(x, w).block_until_ready()
+    assert onednn.exec_count() - n0 == 3 and y.shape == (3, 4, 2, 8, 8, 6)
+    ref = np.stack([np.stack([np.asarray(f(x[j], w[i])) for j in range(4)]) for i in range(3)])
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * _amax(ref))
+
+
+@needs_onednn
+@pytest.mark.parametrize("impl", ["onednn", "onednn_bf16"])
+def test_model_vmap_over_inputs(impl):
+    """A model vmapped over a stack of input batches (as pgd's array-valued eps does): input gradients equal the
+    per-batch loop, with one forward and one backward-data custom call per conv layer."""
+    if impl == "onednn_bf16" and not onednn.native_bf16():
+        pytest.skip("no native bf16")
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.random((3, 4, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 4))
+    m = models.BasicCNN(conv_impl=impl)
+    v = m.init(jax.random.PRNGKey(0), xs[0])
+    grad = jax.grad(lambda x: _ce(m.apply(v, x), y))
+    vg = jax.jit(jax.vmap(grad))
+    hlo = vg.lower(xs).compile().as_text()
+    assert hlo.count('custom_call_target="onednn_conv_fwd"') == 2 and " while(" not in hlo
+    assert hlo.count('custom_call_target="onednn_conv_bwd_data"') == 2
+    ref = np.stack([np.asarray(jax.jit(grad)(x)) for x in xs])
+    np.testing.assert_allclose(vg(xs), ref, rtol=1e-5, atol=1e-5 * _amax(ref))
+
+
 def _model_check(ref, impl, shape):
     """Outputs and parameter / input gradients in train mode (BatchNorm batch statistics, dropout off)."""
     if impl == "onednn_bf16" and not onednn.native_bf16():

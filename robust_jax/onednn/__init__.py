@@ -28,10 +28,20 @@ quiet machine; when other jobs share the cores, the team oversubscribes them (bf
 count is applied per calling thread on the C++ side (``omp_set_num_threads`` before every primitive creation and
 execution), so it takes effect whenever it is set, even after libgomp is loaded.
 
-Limitations: no forward-mode autodiff (a ``jax.custom_vjp``); ``jax.vmap`` runs the batch sequentially; only
-first-order gradients (the backward is an FFI call, not differentiable again); XLA has no partitioning rule for the
-FFI call, so data parallelism over several devices (:mod:`robust_jax.sharding`) is not expected to speed it up (not
-measured). Each call runs on the XLA thread that reaches it, one oneDNN call at a time (``set_serialize``).
+``jax.vmap`` (MC-dropout samples, eps sweeps, ensembles' stacked parameters; nested vmaps too): each FFI call is
+batched inside its one custom call (``vmap_method="expand_dims"``: the handler receives the vmapped axes as extra
+leading dims, size 1 where unbatched). Forward and backward-data with unbatched weights merge the vmapped axes
+into the convolution's batch: one oneDNN call for all elements, no copies. Batched weights (an ensemble) run one
+oneDNN call per weight element, in a loop inside the custom call on pointer offsets (inner vmapped axes over which
+the weights are unbatched, e.g. an eps sweep inside an ensemble vmap, are still merged). Backward-weights is a
+result per element, so it loops too; e.g. ``jax.grad`` of a loss summed over a vmap with shared weights computes
+the per-element weight gradients and sums them (unused weight gradients, as in attacks, are dropped by XLA).
+:func:`exec_count` counts the oneDNN calls.
+
+Limitations: no forward-mode autodiff (a ``jax.custom_vjp``); only first-order gradients (the backward is an FFI
+call, not differentiable again); XLA has no partitioning rule for the FFI call, so data parallelism over several
+devices (:mod:`robust_jax.sharding`) is not expected to speed it up (not measured). Each call runs on the XLA
+thread that reaches it, one oneDNN call at a time (``set_serialize``).
 """
 
 from __future__ import annotations
@@ -190,6 +200,13 @@ def native_bf16() -> bool:
     return _isa() in _NATIVE_BF16_ISAS
 
 
+def exec_count() -> int:
+    """oneDNN convolution primitives run since the library was loaded (one per conv, or per element of a vmap whose
+    weights are batched; for tests and benchmarks)."""
+    _lib().onednn_conv_exec_count.restype = ctypes.c_int64
+    return int(_lib().onednn_conv_exec_count())
+
+
 def threads() -> int:
     """OpenMP threads per oneDNN call (0: OpenMP's default)."""
     return int(_lib().onednn_conv_get_threads())
@@ -257,9 +274,15 @@ def _attrs(strides, pads):
                 pad_b=np.int64(pads[0][1]), pad_l=np.int64(pads[1][0]), pad_r=np.int64(pads[1][1]))
 
 
+# expand_dims: under jax.vmap the handler gets every operand with one more leading dim (size 1 if unbatched) and
+# batches itself (onednn_conv.cc, Run). "sequential" (a scan, one FFI call per element; the behaviour before the
+# batching rule) is kept selectable for before/after benchmarks only (benchmarks/vmap_eps.py); read at trace time.
+_VMAP_METHOD = "expand_dims"
+
+
 def _call(target, out_shape, a, b, strides, pads):
     _lib()
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")(
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method=_VMAP_METHOD)(
         a, b, **_attrs(strides, pads))
 
 
@@ -349,5 +372,5 @@ def make_conv_general_dilated(dtype=jnp.float32):
     return conv_general_dilated
 
 
-__all__ = ["available", "build", "cache_dir", "conv", "impl_name", "info", "make_conv_general_dilated",
+__all__ = ["available", "build", "cache_dir", "conv", "exec_count", "impl_name", "info", "make_conv_general_dilated",
            "native_bf16", "set_serialize", "set_threads", "threads", "unavailable_reason"]

@@ -8,6 +8,11 @@
 //   onednn_conv_bwd_data    (dy[N,OH,OW,O], w[KH,KW,C,O]) -> dx[N,H,W,C]
 //   onednn_conv_bwd_weights (x[N,H,W,C],   dy[N,OH,OW,O]) -> dw[KH,KW,C,O]
 //
+// jax.vmap (vmap_method="expand_dims" on the Python side): every operand and the result then carry the same number
+// of extra leading dims, the vmapped size where batched and 1 where not. Forward and backward-data with unbatched
+// weights merge those dims into the batch (one oneDNN call); batched weights and backward-weights (a result per
+// element) run one oneDNN call per element, on pointer offsets inside the one custom call (see Run).
+//
 // Primitives are created once per (kind, shapes, dtypes, attributes) and kept in a process-wide map.
 // Weights: oneDNN picks its preferred (blocked) weights layout ("any"); HWIO weights are reordered into it per
 // call (and diff-weights reordered back), unless ONEDNN_FFI_PLAIN_WEIGHTS=1 asks for HWIO directly.
@@ -199,42 +204,106 @@ ffi::ErrorOr<memory::data_type> ToDnnl(ffi::DataType t) {
   }
 }
 
-// x: the NHWC activation (x or dx), y: the NHWC output-side tensor (y or dy), w: HWIO weights.
-ffi::Error Run(int kind, ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions y, ffi::AnyBuffer::Dimensions w,
-               ffi::DataType in_t, ffi::DataType out_t, void* x_ptr, void* y_ptr, void* w_ptr, int64_t sh,
+std::atomic<int64_t> exec_count{0};  // primitive executions since load (tests: one per merged vmapped call)
+
+// Runs one primitive on one (x, y, w) triple of per-element pointers.
+void Exec(int kind, CachedConv& c, dnnl::stream& s, void* x_ptr, void* y_ptr, void* w_ptr) {
+  auto& eng = Engine();
+  auto& b = Bufs();
+  memory src(c.src_md, eng, x_ptr), dst(c.dst_md, eng, y_ptr);
+  memory user_wei(c.user_wei_md, eng, w_ptr);
+  memory wei = c.reorder_wei ? memory(c.wei_md, eng, b.get(b.wei, c.wei_md.get_size())) : user_wei;
+  memory scratch(c.scratch_md, eng, b.get(b.scratch, c.scratch_md.get_size() + 1));
+  if (kind != 2 && c.reorder_wei) c.wei_reorder.execute(s, user_wei, wei);
+  if (kind == 0) {
+    c.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                       {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == 1) {
+    c.prim.execute(s, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, dst},
+                       {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    c.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, dst},
+                       {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (c.reorder_wei) c.wei_reorder.execute(s, wei, user_wei);
+  }
+  exec_count.fetch_add(1, std::memory_order_relaxed);
+}
+
+// One tensor of a call. Its rank is 4 + L: the L leading dims come from jax.vmap with vmap_method="expand_dims"
+// (the vmapped size where the operand is batched, 1 where it is not; the result always has the vmapped sizes).
+struct Tensor {
+  ffi::AnyBuffer::Dimensions dims;
+  char* ptr;
+  size_t width;  // bytes per element
+  int64_t Lead(size_t i) const { return dims[i]; }
+  int64_t Elem() const {  // elements of one NHWC / HWIO tensor
+    int64_t e = 1;
+    for (size_t i = dims.size() - 4; i < dims.size(); ++i) e *= dims[i];
+    return e;
+  }
+  int64_t D(size_t i) const { return dims[dims.size() - 4 + i]; }  // i-th of the last four dims
+};
+
+// x: the NHWC activation (x or dx), y: the NHWC output-side tensor (y or dy), w: HWIO weights; `out` is the role of
+// the result (kind 0: y, 1: x, 2: w). Batching over the L leading (vmapped) dims:
+//  - fwd / bwd data with unbatched weights (w's leading dims all 1): ONE oneDNN call with the leading dims merged
+//    into the batch (N' = N * prod(leading)); the activations are contiguous, so no copy. With weights batched on
+//    outer dims only (an ensemble vmap around an eps-sweep vmap), the inner dims are merged the same way.
+//  - otherwise (batched weights, or bwd weights, whose result is per element): one oneDNN call per element of the
+//    (remaining) leading dims inside this one custom call, on pointer offsets (size-1 dims broadcast), no copies.
+ffi::Error Run(int kind, Tensor x, Tensor y, Tensor w, ffi::DataType in_t, ffi::DataType out_t, int64_t sh,
                int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (x.size() != 4 || y.size() != 4 || w.size() != 4)
-    return ffi::Error::InvalidArgument("onednn_conv: expected rank-4 NHWC activations and HWIO weights");
+  const size_t rank = x.dims.size();
+  if (rank < 4 || y.dims.size() != rank || w.dims.size() != rank)
+    return ffi::Error::InvalidArgument("onednn_conv: expected NHWC activations and HWIO weights of equal rank >= 4");
   auto in_dt = ToDnnl(in_t);
   auto out_dt = ToDnnl(out_t);
   if (in_dt.has_error()) return in_dt.error();
   if (out_dt.has_error()) return out_dt.error();
-  ConvParams p{kind, x[0], x[3], x[1], x[2], w[3], y[1], y[2], w[0], w[1], sh, sw, pt, pb, pl, pr,
-               *in_dt, *out_dt, PlainWeights(), ApplyThreads()};
-  if (w[2] != x[3] || y[3] != w[3] || y[0] != x[0])
+  if (w.D(2) != x.D(3) || y.D(3) != w.D(3) || y.D(0) != x.D(0))
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
+  const Tensor& out = kind == 0 ? y : (kind == 1 ? x : w);
+  const size_t lead = rank - 4;
+  for (size_t i = 0; i < lead; ++i)
+    for (const Tensor* t : {&x, &y, &w})
+      if (t->Lead(i) != out.Lead(i) && t->Lead(i) != 1)
+        return ffi::Error::InvalidArgument("onednn_conv: leading (vmapped) dims must match the result's or be 1");
+  // The trailing `merged` leading dims where the weights are unbatched and the activation input is batched like the
+  // result go into the conv's batch (fwd / bwd data only); the loop runs over the remaining leading dims.
+  size_t merged = 0;
+  int64_t factor = 1;
+  if (kind != 2) {
+    const Tensor& act = kind == 0 ? x : y;
+    for (size_t i = lead; i-- > 0 && w.Lead(i) == 1 && act.Lead(i) == out.Lead(i);) {
+      ++merged;
+      factor *= out.Lead(i);
+    }
+  }
+  const size_t looped = lead - merged;
+  int64_t calls = 1;
+  for (size_t i = 0; i < looped; ++i) calls *= out.Lead(i);
+  const int64_t n = x.D(0) * factor;
+  ConvParams p{kind, n, x.D(3), x.D(1), x.D(2), w.D(3), y.D(1), y.D(2), w.D(0), w.D(1), sh, sw, pt, pb, pl, pr,
+               *in_dt, *out_dt, PlainWeights(), ApplyThreads()};
   try {
     auto c = Get(p);
-    auto& eng = Engine();
-    auto& b = Bufs();
-    memory src(c->src_md, eng, x_ptr), dst(c->dst_md, eng, y_ptr);
-    memory user_wei(c->user_wei_md, eng, w_ptr);
-    memory wei = c->reorder_wei ? memory(c->wei_md, eng, b.get(b.wei, c->wei_md.get_size())) : user_wei;
-    memory scratch(c->scratch_md, eng, b.get(b.scratch, c->scratch_md.get_size() + 1));
     auto& s = Stream();
     std::unique_lock<std::mutex> exec_lock(exec_mu, std::defer_lock);
     if (serialize.load(std::memory_order_relaxed)) exec_lock.lock();
-    if (kind != 2 && c->reorder_wei) c->wei_reorder.execute(s, user_wei, wei);
-    if (kind == 0) {
-      c->prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
-                          {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (kind == 1) {
-      c->prim.execute(s, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, dst},
-                          {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else {
-      c->prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, dst},
-                          {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (c->reorder_wei) c->wei_reorder.execute(s, wei, user_wei);
+    std::vector<int64_t> idx(lead, 0);
+    for (int64_t call = 0; call < calls; ++call) {
+      void* ptrs[3];
+      const Tensor* ts[3] = {&x, &y, &w};
+      for (int r = 0; r < 3; ++r) {  // offset of this element in each tensor (broadcasting its size-1 dims)
+        int64_t flat = 0;
+        for (size_t i = 0; i < lead; ++i) flat = flat * ts[r]->Lead(i) + (ts[r]->Lead(i) == 1 ? 0 : idx[i]);
+        ptrs[r] = ts[r]->ptr + flat * ts[r]->Elem() * int64_t(ts[r]->width);
+      }
+      Exec(kind, *c, s, ptrs[0], ptrs[1], ptrs[2]);
+      for (size_t i = looped; i-- > 0;) {  // next multi-index of the looped leading dims (merged ones stay 0)
+        if (++idx[i] < out.Lead(i)) break;
+        idx[i] = 0;
+      }
     }
     s.wait();
   } catch (const dnnl::error& e) {
@@ -243,25 +312,28 @@ ffi::Error Run(int kind, ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimension
   return ffi::Error::Success();
 }
 
+size_t Width(ffi::DataType t) { return t == ffi::DataType::BF16 ? 2 : 4; }
+
+Tensor T(ffi::AnyBuffer b) {
+  return Tensor{b.dimensions(), static_cast<char*>(b.untyped_data()), Width(b.element_type())};
+}
+
 ffi::Error ConvFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
                    int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (x.element_type() != w.element_type()) return ffi::Error::InvalidArgument("onednn_conv: x/w dtype mismatch");
-  return Run(0, x.dimensions(), y->dimensions(), w.dimensions(), x.element_type(), y->element_type(),
-             x.untyped_data(), y->untyped_data(), w.untyped_data(), sh, sw, pt, pb, pl, pr);
+  return Run(0, T(x), T(*y), T(w), x.element_type(), y->element_type(), sh, sw, pt, pb, pl, pr);
 }
 
 ffi::Error ConvBwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw,
                        int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (dy.element_type() != w.element_type()) return ffi::Error::InvalidArgument("onednn_conv: dy/w dtype mismatch");
-  return Run(1, dx->dimensions(), dy.dimensions(), w.dimensions(), dy.element_type(), dx->element_type(),
-             dx->untyped_data(), dy.untyped_data(), w.untyped_data(), sh, sw, pt, pb, pl, pr);
+  return Run(1, T(*dx), T(dy), T(w), dy.element_type(), dx->element_type(), sh, sw, pt, pb, pl, pr);
 }
 
 ffi::Error ConvBwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, int64_t sh,
                           int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (x.element_type() != dy.element_type()) return ffi::Error::InvalidArgument("onednn_conv: x/dy dtype mismatch");
-  return Run(2, x.dimensions(), dy.dimensions(), dw->dimensions(), x.element_type(), dw->element_type(),
-             x.untyped_data(), dy.untyped_data(), dw->untyped_data(), sh, sw, pt, pb, pl, pr);
+  return Run(2, T(x), T(dy), T(*dw), x.element_type(), dw->element_type(), sh, sw, pt, pb, pl, pr);
 }
 
 #define CONV_BINDING(A, B, R)          \
@@ -302,6 +374,9 @@ int onednn_conv_get_threads() { return num_threads.load(); }
 int onednn_conv_max_threads() { return ApplyThreads(); }
 
 int onednn_conv_isa() { return int(dnnl::get_effective_cpu_isa()); }
+
+// Primitive executions since the library was loaded (one per oneDNN convolution run; tests count them).
+int64_t onednn_conv_exec_count() { return exec_count.load(); }
 
 // Writes the implementation name for a cached/new primitive into buf. Dims as in the handlers (NHWC, HWIO).
 int onednn_conv_impl(int kind, const int64_t* x, const int64_t* y, const int64_t* w, int in_bf16, int out_bf16,
