@@ -25,7 +25,8 @@ cli.dataset("cifar10", DEFAULTS, "dataset; sets the default checkpoint and budge
             "8/255, big_eps 16/255; mnist: mnist_basic_cnn, 0.3, 0.4)")
 cli.checkpoint({d: v[0] for d, v in DEFAULTS.items()})
 flags.DEFINE_enum("conv_impl", None, CONV_IMPLS, "convolution kernels for the checkpoint's model (default: "
-                  "custom_vjp); onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md")
+                  "custom_vjp); onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md; auto "
+                  "picks onednn_bf16 on CPUs with fast bf16 units (models.choose_conv_impl)")
 cli.data_dir()
 cli.count("num_examples", 500, "test examples (the first N of the test split)")
 cli.count("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
@@ -79,7 +80,7 @@ def main(argv):
 
     started = time.time()
     s = settings()
-    m = checkpoints.load(s.checkpoint, conv_impl=FLAGS.conv_impl)
+    m = checkpoints.load(s.checkpoint, conv_impl=FLAGS.conv_impl, use="attack")  # "auto": the attack kernels
     sp = data.splits(s.dataset)
     x_test, y_test = data.load(s.dataset, f"{sp['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
     x_val, y_val = data.load(s.dataset, data.head(s.dataset, sp["val"], FLAGS.num_val), data_dir=FLAGS.data_dir)
@@ -90,7 +91,7 @@ def main(argv):
 
     key = jax.random.PRNGKey(FLAGS.seed)
     logits, seconds = attack_logits(m, s, x_test, y_test, x_val, y_val, key)
-    results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count()),
+    results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count(), m.model.conv_impl),
                **analyse(s, logits, y_test)}
     if FLAGS.mc_num_examples > 0 and MC_DROPOUT[s.dataset] in checkpoints.available():
         t = time.time()
@@ -286,8 +287,8 @@ def mc_dropout_detection(s, x_val, y_val, x_test, y_test, key) -> dict:
             "steps": s.fixed, "le_steps": FLAGS.le_steps, "lam": FLAGS.mc_lam, "rows": rows}
 
 
-def config_record(s, n_test, n_val, devices) -> dict:
-    return {"dataset": s.dataset, "checkpoint": s.checkpoint, "conv_impl": FLAGS.conv_impl or "custom_vjp",
+def config_record(s, n_test, n_val, devices, conv_impl) -> dict:
+    return {"dataset": s.dataset, "checkpoint": s.checkpoint, "conv_impl": conv_impl,
             "num_examples": n_test, "num_val": n_val, "eps": s.eps, "big_eps": s.big_eps, "step_size": s.step_size,
             "steps": s.curve_steps, "detector_steps": s.det_steps, "fixed_steps": s.fixed, "lams": s.lams,
             "le_steps": FLAGS.le_steps, "threshold": FLAGS.threshold,

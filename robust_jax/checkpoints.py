@@ -162,6 +162,13 @@ class Classifier:
         return sharding.run_sharded(functools.partial(self._logits, variables), np.asarray(x), batch_size=batch_size,
                                     m=mesh)
 
+    def for_use(self, use: str, conv_impl: str = "auto") -> Classifier:
+        """The same weights and card with the convolution kernels `conv_impl` resolved for `use` (one of
+        ``models.CONV_USES``; see ``models.choose_conv_impl``). E.g. ``m.for_use("attack")`` computes attack gradients
+        with bf16 oneDNN kernels on a CPU with fast bf16 units, while ``m`` (f32) keeps measuring clean accuracy."""
+        return Classifier(self.model.clone(conv_impl=models.resolve_conv_impl(conv_impl, use)), self.variables,
+                          self.card)
+
     def logits_fn(self, **apply_kwargs):
         """``x -> logits`` with these variables (a closure; pass variables explicitly under jit to avoid
         recompiling when weights change: ``functools.partial(m.apply, m.variables)``)."""
@@ -174,19 +181,24 @@ def _abstract_variables(model, image_shape):
     return shapes
 
 
-def load(name: str, *, conv_impl: str | None = None) -> Classifier:
-    """Load checkpoint `name`. The model uses the default ``conv_impl`` (or `conv_impl` if given), whatever kernels
-    it was trained with (``hyperparameters.conv_impl`` in the card), so loading never needs e.g. oneDNN.
+def load(name: str, *, conv_impl: str | None = None, use: str = "eval") -> Classifier:
+    """Load checkpoint `name`. The model uses the default ``conv_impl`` (or `conv_impl` if given; ``"auto"`` is
+    resolved for `use`, see ``models.choose_conv_impl``), whatever kernels it was trained with
+    (``hyperparameters.conv_impl`` in the card), so loading never needs e.g. oneDNN.
 
     Names are plain folder names of :func:`root` (ValueError otherwise); ``card.json`` is read as JSON data and
     validated; the variable files are checked against ``variables.sha256`` when the checkpoint has one. Problems
     raise FileNotFoundError (no such checkpoint) or CorruptCheckpointError naming the file, never an orbax traceback.
     """
+    if conv_impl is not None:  # an unknown name or use is the caller's error, not a corrupt card
+        conv_impl = models.resolve_conv_impl(conv_impl, use)
+    elif use not in models.CONV_USES:
+        raise ValueError(f"unknown use {use!r}; use one of {models.CONV_USES}")
     card = read_card(name)
     path = _checkpoint_dir(name)
     arch = {k: v for k, v in card["architecture"].items() if k != "conv_impl"}
     try:
-        model = models.create({**arch, "conv_impl": conv_impl} if conv_impl is not None else arch)
+        model = models.create({**arch, "conv_impl": conv_impl} if conv_impl is not None else arch, use=use)
     except (TypeError, ValueError, KeyError) as e:
         raise _corrupt(name, path / "card.json", f"'architecture' {arch} is not a valid model config ({e})") from e
     abstract = _abstract_variables(model, data_lib.info(card["dataset"]).image_shape)
@@ -239,13 +251,16 @@ def export(name: str, variables, config, *, train_seconds: float, command: str,
         ckptr.save(target, variables, force=True)
     write_checksums(path)
     cfg = config.to_json()
+    hyper = {k: v for k, v in cfg.items() if k not in ("architecture", "dataset", "seed", "epochs")}
+    if hyper.get("conv_impl") == "auto":  # what it chose here, for training (the export runs on the training host)
+        hyper["conv_impl_resolved"] = models.resolve_conv_impl("auto", "train")
     n_params = int(sum(np.size(p) for p in jax.tree.leaves(variables["params"])))
     card = {
         "name": name,
         "architecture": cfg["architecture"],
         "dataset": cfg["dataset"],
         "num_params": n_params,
-        "hyperparameters": {k: v for k, v in cfg.items() if k not in ("architecture", "dataset", "seed", "epochs")},
+        "hyperparameters": hyper,
         "seed": cfg["seed"],
         "epochs": cfg["epochs"],
         "test_split": data_lib.splits(cfg["dataset"])["test"],

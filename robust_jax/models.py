@@ -16,8 +16,12 @@ work in pixel space. Call signature::
   ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
   ``jax.jvp`` / ``jax.jacfwd``). ``"onednn"`` / ``"onednn_bf16"`` are opt-in oneDNN kernels on CPU (f32 /
   bf16 compute, f32 in and out; ``robust_jax.onednn``; they fall back to ``"custom_vjp"`` with a warning where
-  oneDNN cannot run). Parameters, their names and the outputs (up to bf16 rounding) are the same for all. A
-  callable with the signature of ``lax.conv_general_dilated`` is used as given (benchmarks of other kernels).
+  oneDNN cannot run). ``"auto"`` picks one of these per host and per use (:func:`choose_conv_impl`): pass the use
+  to :func:`create` (``create(config, use="attack")``; the model then records the concrete choice), to
+  ``checkpoints.load(..., use=...)`` or ``TrainConfig(conv_impl="auto")``; a module built directly with
+  ``conv_impl="auto"`` resolves it for ``use="eval"``. Parameters, their names and the outputs (up to bf16
+  rounding) are the same for all. A callable with the signature of ``lax.conv_general_dilated`` is used as given
+  (benchmarks of other kernels).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -48,14 +53,73 @@ def _normalise(x, mean, std):
     return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-CONV_IMPLS = ("custom_vjp", "xla", "onednn", "onednn_bf16")
+CONV_IMPLS = ("custom_vjp", "xla", "onednn", "onednn_bf16", "auto")
+CONV_USES = ("eval", "attack", "train", "higher_order", "forward_mode")
+
+
+def choose_conv_impl(use: str, *, backend: str, cpu_vendor: str = "", cpu_flags=(), onednn_available: bool = False,
+                     device_count: int = 1) -> str:
+    """What ``conv_impl="auto"`` means: a pure function of the use and the host's facts (no I/O; see
+    :func:`host_conv_impl` for this host's).
+
+    `use` (one of :data:`CONV_USES`):
+
+    - ``"eval"``: ``"custom_vjp"`` everywhere. Forward passes whose numbers are reported (clean accuracy on a card,
+      ECE / calibration, detector scores) stay on the f32 kernels they were measured with, so they do not move.
+    - ``"attack"`` (input gradients) and ``"train"`` (parameter gradients, f32 master weights), first-order reverse
+      mode: ``"onednn_bf16"`` on a CPU backend with one device, oneDNN available, and bf16 units that beat f32: AMX
+      (``amx_bf16``) or AMD's ``avx512_bf16`` (Zen 4 / Zen 5). Otherwise ``"custom_vjp"``: GPU / TPU, several
+      devices (the FFI call has no partitioning rule), CPUs without bf16 units, and Intel ``avx512_bf16`` without
+      AMX (Cooper Lake; Emerald Rapids with AMX off, where bf16 ran at half the f32 rate and the train step at
+      0.41-0.99x of XLA f32). Measurements per host: ``benchmarks/README.md``.
+    - ``"higher_order"`` (``jax.grad`` of ``jax.grad``, e.g. gradient penalties): ``"custom_vjp"``, whose backward
+      pass is differentiable again (oneDNN's is not).
+    - ``"forward_mode"`` (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``): ``"xla"``, the only one with forward-mode AD.
+    """
+    if use not in CONV_USES:
+        raise ValueError(f"unknown use {use!r}; use one of {CONV_USES}")
+    if use == "forward_mode":
+        return "xla"
+    if use in ("eval", "higher_order"):
+        return "custom_vjp"
+    flags = set(cpu_flags)
+    fast_bf16 = "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor == "AuthenticAMD")
+    if backend == "cpu" and device_count == 1 and onednn_available and fast_bf16:
+        return "onednn_bf16"
+    return "custom_vjp"
+
+
+def host_conv_impl(use: str) -> str:
+    """:func:`choose_conv_impl` with this host's facts: JAX's default backend and device count, the CPU vendor and
+    flags (``/proc/cpuinfo``), and whether oneDNN builds and runs bf16 natively here (checked only when it would
+    be chosen, since the first check builds the library)."""
+    cpu = onednn.cpu_facts()
+    facts = {"backend": jax.default_backend(), "device_count": jax.device_count(), "cpu_vendor": cpu["vendor"],
+             "cpu_flags": cpu["flags"]}
+    impl = choose_conv_impl(use, **facts, onednn_available=True)
+    if impl.startswith("onednn") and not (onednn.available() and onednn.native_bf16()):
+        impl = choose_conv_impl(use, **facts, onednn_available=False)
+    return impl
+
+
+def resolve_conv_impl(impl, use: str = "eval"):
+    """The concrete ``conv_impl`` for `use`: ``"auto"`` -> :func:`host_conv_impl`; any other name of
+    :data:`CONV_IMPLS` (or a callable) unchanged."""
+    if use not in CONV_USES:
+        raise ValueError(f"unknown use {use!r}; use one of {CONV_USES}")
+    if impl == "auto":
+        return host_conv_impl(use)
+    if not callable(impl) and impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}")
+    return impl
 
 
 def resolve_conv(impl):
     """The ``conv_general_dilated`` function for a model's ``conv_impl``: ``"custom_vjp"`` (:mod:`robust_jax.conv`),
     ``"xla"`` (``lax.conv_general_dilated``), ``"onednn"`` / ``"onednn_bf16"`` (opt-in oneDNN kernels on CPU, f32 /
     bf16 compute with f32 in and out; they fall back to ``"custom_vjp"`` with a one-time warning where oneDNN cannot
-    run, see :mod:`robust_jax.onednn`), or a callable with the signature of ``lax.conv_general_dilated``."""
+    run, see :mod:`robust_jax.onednn`), ``"auto"`` (the choice for ``use="eval"``; :func:`create` resolves it for
+    other uses), or a callable with the signature of ``lax.conv_general_dilated``."""
     if callable(impl):
         return impl
     if impl == "custom_vjp":
@@ -64,6 +128,8 @@ def resolve_conv(impl):
         return lax.conv_general_dilated
     if impl in ("onednn", "onednn_bf16"):
         return onednn.make_conv_general_dilated(jnp.bfloat16 if impl == "onednn_bf16" else jnp.float32)
+    if impl == "auto":  # a module built with conv_impl="auto" directly: the eval choice (create(use=...) otherwise)
+        return resolve_conv(host_conv_impl("eval"))
     raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}")
 
 
@@ -221,9 +287,14 @@ MODELS = {"BasicCNN": BasicCNN, "AllConvNet": AllConvNet, "ResNet10": ResNet10}
 ALIASES = {"basic_cnn": "BasicCNN", "allconv": "AllConvNet", "resnet10": "ResNet10"}
 
 
-def create(config: dict[str, Any]) -> nn.Module:
-    """Build a model from an architecture config such as ``{"name": "ResNet10", "width": 16}``."""
+def create(config: dict[str, Any], *, use: str = "eval") -> nn.Module:
+    """Build a model from an architecture config such as ``{"name": "ResNet10", "width": 16}``. A ``conv_impl`` of
+    ``"auto"`` is resolved for `use` (:func:`choose_conv_impl`), so ``model.conv_impl`` names the kernels used."""
     config = dict(config)
+    if "conv_impl" in config:
+        config["conv_impl"] = resolve_conv_impl(config["conv_impl"], use)
+    elif use not in CONV_USES:
+        raise ValueError(f"unknown use {use!r}; use one of {CONV_USES}")
     name = config.pop("name")
     name = ALIASES.get(name, name)
     if name not in MODELS:

@@ -279,8 +279,10 @@ class TrainConfig:
     max_eval_examples: int | None = _option(None, "validate on the first N validation examples only", ge=1)
     # a hyper-parameter, not part of the architecture, so checkpoints trained with an opt-in kernel (e.g.
     # "onednn_bf16") load with the default everywhere
-    conv_impl: str = _option("custom_vjp", "convolution kernels for training (oneDNN ones are opt-in, CPU only); "
-                                           "evaluation uses the default", choices=models.CONV_IMPLS)
+    conv_impl: str = _option("custom_vjp", "convolution kernels for training (oneDNN ones are opt-in, CPU only; "
+                                           "auto: bf16 oneDNN where the CPU has fast bf16 units, see "
+                                           "models.choose_conv_impl); evaluation uses the default",
+                             choices=models.CONV_IMPLS)
 
     def __post_init__(self):
         self.validate()
@@ -551,7 +553,8 @@ def train(
     """Train (or resume) a classifier. Writes to `workdir`: ``config.json`` (once, for a fresh workdir),
     ``metrics.jsonl`` (one JSON line per epoch), ``checkpoints/`` (orbax: train state and epoch totals).
 
-    Returns ``{"step", "stopped_early", "interrupted", "state", "train_seconds"}`` and, unless interrupted, ``"val"``
+    Returns ``{"step", "stopped_early", "interrupted", "state", "train_seconds", "conv_impl"}`` (the kernels the train
+    step used: ``config.conv_impl``, or what ``"auto"`` chose for ``use="train"``) and, unless interrupted, ``"val"``
     (accuracy and loss). ``interrupted`` is the name of the signal that arrived ("SIGINT" / "SIGTERM"; one arriving
     during the last step or the last validation lets the run finish its last epoch first), or "stop_after_steps"
     when that stopped the run, else None; ``stopped_early`` is whether it is set.
@@ -586,7 +589,11 @@ def train(
     if not (workdir / "config.json").exists():
         _write_atomic(workdir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
 
-    model = models.create({**config.architecture, "conv_impl": config.conv_impl})
+    model = models.create({**config.architecture, "conv_impl": config.conv_impl}, use="train")
+    # validation: "auto" resolves to the f32 eval kernels there, so reported accuracies do not depend on the host
+    eval_model = models.create({**config.architecture, "conv_impl": config.conv_impl}, use="eval")
+    if config.conv_impl == "auto":
+        log(f"conv_impl=auto: training with {model.conv_impl!r}, validating with {eval_model.conv_impl!r}")
     tx = make_optimizer(config.optimizer, config.lr, total_steps=total_steps, schedule=config.schedule,
                         weight_decay=config.weight_decay)
     state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), info.image_shape)
@@ -597,7 +604,7 @@ def train(
                                     step_size=config.adv_step_size)
     augment_fn = transforms.make_augment(config.augment, rotation_degrees=config.rotation_degrees)
     train_step = make_train_step(model, tx, loss_fn=loss_fn, augment_fn=augment_fn, perturb_fn=perturb_fn)
-    predict = make_predict(model)
+    predict = make_predict(eval_model)
 
     restored = _restore_latest(ckdir, state, log)
     totals = EpochTotals()
@@ -693,7 +700,7 @@ def train(
         manager.wait_until_finished()
         manager.close()
     result = {"step": step, "stopped_early": interrupted is not None, "interrupted": interrupted, "state": state,
-              "train_seconds": sum(r["seconds"] for r in records) + totals.seconds}
+              "train_seconds": sum(r["seconds"] for r in records) + totals.seconds, "conv_impl": model.conv_impl}
     if interrupted:
         log(f"stopped by {interrupted} at step {step}/{total_steps}: checkpoint saved in {ckdir}; {resume_hint}")
     elif records and records[-1]["step"] == step:

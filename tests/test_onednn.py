@@ -352,7 +352,7 @@ def test_non_float32_operands_fall_back():
 
 
 def test_impls_and_resolve():
-    assert set(models.CONV_IMPLS) == {"custom_vjp", "xla", "onednn", "onednn_bf16"}
+    assert set(models.CONV_IMPLS) == {"custom_vjp", "xla", "onednn", "onednn_bf16", "auto"}
     assert models.resolve_conv("onednn") is onednn.make_conv_general_dilated(jnp.float32)
     assert models.resolve_conv("onednn_bf16") is onednn.make_conv_general_dilated(jnp.bfloat16)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
@@ -419,3 +419,122 @@ def test_checkpoint_trained_with_onednn_loads_with_default(tmp_path, monkeypatch
         np.testing.assert_allclose(m(x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
     assert m.model.conv_impl == "custom_vjp" and m.card["hyperparameters"]["conv_impl"] == "onednn_bf16"
     assert checkpoints.load("tiny", conv_impl="xla").model.conv_impl == "xla"
+    # "auto" resolved per use (oneDNN is off here: attacks get the f32 default), recorded as the concrete choice
+    assert checkpoints.load("tiny", conv_impl="auto", use="forward_mode").model.conv_impl == "xla"
+    assert checkpoints.load("tiny", conv_impl="auto", use="attack").model.conv_impl == "custom_vjp"
+    assert m.for_use("forward_mode").model.conv_impl == "xla" and m.for_use("attack").card is m.card
+    with pytest.raises(ValueError, match="unknown use"):  # the caller's error, not a corrupt checkpoint
+        checkpoints.load("tiny", use="inference")
+
+
+# ------------------------------------------------------------------------------------------------ conv_impl="auto"
+ZEN4 = ("AuthenticAMD", {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+SAPPHIRE_RAPIDS = ("GenuineIntel", {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+EMERALD_RAPIDS_NO_AMX = ("GenuineIntel", {"avx2", "avx512f", "avx512_bf16", "avx512_fp16"})
+ICE_LAKE = ("GenuineIntel", {"avx2", "avx512f", "avx512_vnni"})
+AUTO_TABLE = [  # (use, backend, (vendor, flags), oneDNN available, devices) -> choice
+    ("attack", "cpu", ZEN4, True, 1, "onednn_bf16"),
+    ("train", "cpu", ZEN4, True, 1, "onednn_bf16"),
+    ("eval", "cpu", ZEN4, True, 1, "custom_vjp"),  # reported numbers stay on the f32 kernels
+    ("attack", "cpu", SAPPHIRE_RAPIDS, True, 1, "onednn_bf16"),
+    ("train", "cpu", SAPPHIRE_RAPIDS, True, 1, "onednn_bf16"),
+    ("attack", "cpu", EMERALD_RAPIDS_NO_AMX, True, 1, "custom_vjp"),  # bf16 at half the f32 rate there
+    ("train", "cpu", ICE_LAKE, True, 1, "custom_vjp"),  # no bf16 units: oneDNN would emulate bf16
+    ("attack", "cpu", ZEN4, False, 1, "custom_vjp"),  # no oneDNN / g++, or ROBUST_JAX_ONEDNN=0
+    ("attack", "cpu", ZEN4, True, 2, "custom_vjp"),  # the FFI call has no partitioning rule
+    ("attack", "gpu", SAPPHIRE_RAPIDS, True, 1, "custom_vjp"),
+    ("train", "tpu", ZEN4, True, 1, "custom_vjp"),
+    ("higher_order", "cpu", ZEN4, True, 1, "custom_vjp"),  # oneDNN's backward is not differentiable
+    ("forward_mode", "cpu", ZEN4, True, 1, "xla"),  # the only one with jax.jvp
+    ("forward_mode", "gpu", ICE_LAKE, False, 1, "xla"),
+    ("eval", "gpu", ICE_LAKE, False, 1, "custom_vjp"),
+]
+
+
+@pytest.mark.parametrize("use,backend,cpu,avail,devices,expected", AUTO_TABLE)
+def test_choose_conv_impl(use, backend, cpu, avail, devices, expected):
+    got = models.choose_conv_impl(use, backend=backend, cpu_vendor=cpu[0], cpu_flags=cpu[1], onednn_available=avail,
+                                  device_count=devices)
+    assert got == expected
+    with pytest.raises(ValueError, match="unknown use"):
+        models.choose_conv_impl("inference", backend=backend)
+
+
+@pytest.mark.parametrize("cpu", [ZEN4, SAPPHIRE_RAPIDS, EMERALD_RAPIDS_NO_AMX, ICE_LAKE, ("", set())])
+def test_auto_choice_can_do_what_the_use_needs(cpu):
+    """Whatever the host, the choice supports the use: forward mode only with "xla", second-order gradients never
+    with oneDNN, and every choice is a concrete conv_impl."""
+    for use in models.CONV_USES:
+        for backend in ("cpu", "gpu", "tpu"):
+            for avail in (True, False):
+                impl = models.choose_conv_impl(use, backend=backend, cpu_vendor=cpu[0], cpu_flags=cpu[1],
+                                               onednn_available=avail)
+                assert impl in models.CONV_IMPLS and impl != "auto"
+                if use == "forward_mode":
+                    assert impl == "xla"
+                if use in ("higher_order", "eval") or backend != "cpu" or not avail:
+                    assert not impl.startswith("onednn")
+
+
+def test_host_conv_impl_uses_host_facts(monkeypatch):
+    """host_conv_impl feeds this host's facts to the pure mapping, and checks oneDNN only when it would choose it."""
+    def no_build():
+        raise AssertionError("oneDNN checked although the mapping did not choose it")
+
+    monkeypatch.setattr(onednn, "cpu_facts", lambda: {"vendor": ICE_LAKE[0], "flags": frozenset(ICE_LAKE[1])})
+    monkeypatch.setattr(onednn, "available", no_build)
+    assert models.host_conv_impl("attack") == "custom_vjp" == models.resolve_conv_impl("auto", "train")
+    assert models.resolve_conv_impl("auto", "forward_mode") == "xla"
+    monkeypatch.setattr(onednn, "cpu_facts", lambda: {"vendor": ZEN4[0], "flags": frozenset(ZEN4[1])})
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert models.host_conv_impl("attack") == "custom_vjp"
+    monkeypatch.setattr(onednn, "available", lambda: True)
+    monkeypatch.setattr(onednn, "native_bf16", lambda: True)
+    assert models.host_conv_impl("attack") == "onednn_bf16" == models.host_conv_impl("train")
+    assert models.host_conv_impl("eval") == "custom_vjp"
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)  # oneDNN's ISA capped (ONEDNN_MAX_CPU_ISA)
+    assert models.host_conv_impl("attack") == "custom_vjp"
+    assert models.resolve_conv_impl("onednn", "eval") == "onednn"  # explicit names are kept
+    with pytest.raises(ValueError, match="unknown conv_impl"):
+        models.resolve_conv_impl("fast", "eval")
+    with pytest.raises(ValueError, match="unknown use"):
+        models.resolve_conv_impl("auto", "inference")
+
+
+def test_auto_resolved_in_models_and_records_the_choice(monkeypatch):
+    monkeypatch.setattr(models, "host_conv_impl", lambda use: {"attack": "onednn_bf16", "train": "onednn_bf16",
+                                                               "forward_mode": "xla"}.get(use, "custom_vjp"))
+    arch = {"name": "BasicCNN", "conv_impl": "auto"}
+    assert models.create(arch).conv_impl == "custom_vjp"  # use="eval" by default
+    assert models.create(arch, use="attack").conv_impl == "onednn_bf16"
+    assert models.create(arch, use="forward_mode").conv_impl == "xla"
+    assert models.create({"name": "BasicCNN"}, use="attack").conv_impl == "custom_vjp"  # no "auto": the default
+    with pytest.raises(ValueError, match="unknown use"):
+        models.create({"name": "BasicCNN"}, use="inference")
+    assert models.resolve_conv("auto") is models.resolve_conv("custom_vjp")  # a module built with "auto" directly
+    from robust_jax import training
+
+    assert training.TrainConfig(architecture={"name": "BasicCNN"}, conv_impl="auto").conv_impl == "auto"
+
+
+@needs_onednn
+@pytest.mark.parametrize("use", ["eval", "attack", "train", "higher_order", "forward_mode"])
+def test_auto_on_this_host_does_what_the_use_needs(use):
+    """On this host, the model built for each use runs that use's transformation."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray([1, 2])
+    m = models.create({"name": "BasicCNN", "conv_impl": "auto"}, use=use)
+    v = models.BasicCNN().init(jax.random.PRNGKey(0), x)
+    loss = lambda p, x: _ce(m.apply({**v, "params": p}, x), y)  # noqa: E731
+    if use == "eval":
+        out = jax.jit(m.apply)(v, x)
+    elif use == "attack":
+        out = jax.jit(jax.grad(loss, 1))(v["params"], x)
+    elif use == "train":
+        out = jax.jit(jax.grad(loss))(v["params"], x)
+    elif use == "higher_order":  # an input-gradient penalty's parameter gradient
+        out = jax.jit(jax.grad(lambda p: jnp.sum(jax.grad(loss, 1)(p, x) ** 2)))(v["params"])
+    else:
+        out = jax.jvp(lambda x: m.apply(v, x), (x,), (jnp.ones_like(x),))[1]
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(jax.device_get(out)))

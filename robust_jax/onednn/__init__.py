@@ -2,7 +2,9 @@
 
 Models use it with ``conv_impl="onednn"`` (f32) or ``conv_impl="onednn_bf16"`` (bf16 compute: activations and
 weights are cast to bf16 inside each convolution, oneDNN accumulates in f32, the outputs and both gradients are f32,
-so the parameters and the optimizer stay f32), resolved by :func:`robust_jax.models.resolve_conv`. It pays off on
+so the parameters and the optimizer stay f32), resolved by :func:`robust_jax.models.resolve_conv`, or with
+``conv_impl="auto"``, which picks ``onednn_bf16`` for attack gradients and training on CPUs with fast bf16 units
+(:func:`robust_jax.models.choose_conv_impl`). It pays off on
 CPUs with native bf16 (AVX512-BF16 or AMX) that run it faster than f32; without native bf16 oneDNN emulates bf16
 more slowly than f32, so ``onednn_bf16`` then runs f32, and even native bf16 is not faster on every host. Time
 ``python -m benchmarks.train_step --conv_impls=custom_vjp,onednn,onednn_bf16`` on your host before choosing; the
@@ -194,6 +196,20 @@ def _isa() -> str:
     return _ISA.get(isa, hex(isa))
 
 
+@functools.cache
+def cpu_facts() -> dict:
+    """``{"vendor": ..., "flags": frozenset(...)}`` of this host's CPU from /proc/cpuinfo (empty when unreadable):
+    what :func:`robust_jax.models.choose_conv_impl` needs, read without building or loading oneDNN."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {"vendor": "", "flags": frozenset()}
+    field = lambda k: next((ln.split(":", 1)[1].strip() for ln in text.splitlines()  # noqa: E731
+                            if ln.split(":", 1)[0].strip() == k), "")
+    return {"vendor": field("vendor_id"), "flags": frozenset(field("flags").split())}
+
+
 def native_bf16() -> bool:
     """True if oneDNN runs bf16 natively here (AVX512-BF16 or AMX). Without it bf16 is emulated and 2-2.7x slower
     than f32 (measured on Ice Lake), so ``onednn_bf16`` falls back to f32."""
@@ -372,5 +388,5 @@ def make_conv_general_dilated(dtype=jnp.float32):
     return conv_general_dilated
 
 
-__all__ = ["available", "build", "cache_dir", "conv", "exec_count", "impl_name", "info", "make_conv_general_dilated",
-           "native_bf16", "set_serialize", "set_threads", "threads", "unavailable_reason"]
+__all__ = ["available", "build", "cache_dir", "conv", "cpu_facts", "exec_count", "impl_name", "info",
+           "make_conv_general_dilated", "native_bf16", "set_serialize", "set_threads", "threads", "unavailable_reason"]
