@@ -1,5 +1,5 @@
 """Square's L2 patterns (Andriushchenko et al. 2020): the start and every candidate against a plain reference
-construction of the nested-rectangle pattern."""
+construction of the nested-rectangle pattern, and the traced graph's size against the image size."""
 
 import importlib
 
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from robust_jax import attacks
 from robust_jax.attacks.apgd import example_keys, fold_keys
 
 square_mod = importlib.import_module("robust_jax.attacks.square")
@@ -55,6 +56,17 @@ def _init_l2_ref(keys, x, eps):
 
 
 # ---------------------------------------------------------------------------------------------------- tests
+def test_l2_pattern_is_the_reference_for_every_side():
+    """Every side from 1 to 45, odd and even, traced, on a grid reaching past the window (a static side: the
+    start's, below)."""
+    grid = np.arange(-2, 48)
+    eta = jax.jit(lambda s: square_mod._eta(grid[:, None], grid[None, :], s, 45))
+    for s in range(1, 46):
+        want = np.zeros((len(grid), len(grid)))
+        want[2:2 + s, 2:2 + s] = _eta_ref(s)
+        np.testing.assert_allclose(eta(s), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(4, 4), (8, 8), (12, 12), (32, 32), (37, 29)])
 def test_l2_start_matches_the_reference(shape):
     """Window sides 1 (images under 10 pixels: up to 7 × 7 blocks; under 5 the first block falls off the image),
@@ -90,3 +102,24 @@ def test_l2_candidates_from_the_clean_point_are_the_reference_pattern(shape):
             for ch in range(c):
                 assert any(np.allclose(window[..., ch], sign * pattern, rtol=1e-5, atol=1e-6)
                            for sign in (1, -1) for pattern in (e, e.T)), (step, m, ch)
+
+
+def _graph_size(hw, n_queries=3):
+    """(equations, constant elements) of the traced L2 attack on hw × hw images, sub-jaxprs included."""
+    w = jnp.ones((3, 10), jnp.float32)
+    f = lambda x: jnp.mean(x, axis=(1, 2)) @ w  # the model's own graph does not depend on the image size
+    fn = lambda x, y, k: attacks.square(f, x, y, key=k, eps=0.5, norm="l2", n_queries=n_queries, loop="fori")
+    closed = jax.make_jaxpr(fn)(jnp.full((2, hw, hw, 3), 0.5), jnp.zeros(2, jnp.int32), KEY)
+
+    def count(jaxpr):
+        return sum(1 + sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
+
+    return count(closed.jaxpr), sum(np.size(cst) for cst in closed.consts)
+
+
+def test_l2_graph_does_not_grow_with_the_image():
+    """Same equations and constants for 8 × 8, 32 × 32 and 96 × 96 images (the pattern table this replaced was a
+    (10, 2, h, w) constant, and the start unrolled one update per block: 7 × 7 of them on 8 × 8)."""
+    sizes = [_graph_size(hw) for hw in (8, 32, 96)]
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+    assert sizes[0][1] < 100, sizes

@@ -78,30 +78,40 @@ def window_sizes(p_init: float, h: int, w: int, norm: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- L2 patterns
-def _rectangles(a: int, b: int) -> np.ndarray:
-    """An a × b block of nested rectangles centred at (a // 2, b // 2): ring k (side 2k + 1) adds 1/(k+1)²."""
-    out = np.zeros((a, b))
-    ca, cb = a // 2, b // 2
-    for k in range(max(ca, cb) + 1):
-        out[max(ca - k, 0):min(ca + k + 1, a), max(cb - k, 0):min(cb + k + 1, b)] += 1.0 / (k + 1) ** 2
-    return out / np.sqrt(np.sum(out**2))
+def _eta(i, j, s, size: int):
+    """The L2 update pattern of side `s` at in-window coordinates (i, j) (integer arrays that broadcast together;
+    0 outside the s × s window): nested rectangles on the top ``s // 2`` rows minus nested rectangles on the other
+    rows, each half of norm 1/√2 (the whole of norm 1); +1 for s = 1.
+
+    In a half of a × s cells centred at (a // 2, s // 2), ring k (side 2k + 1) adds 1/(k+1)² for k up to
+    ``K = s // 2``, so a cell at Chebyshev distance d from the centre holds ``ring[d] = Σ_{k=d..K} 1/(k+1)²``.
+    Computed on the index grids directly (`s` may be traced; `size`: a static bound on it): no loop over rings,
+    blocks or cells, so the graph does not grow with the window or the image."""
+    big_k = s // 2
+    k = jnp.arange(size // 2 + 1)
+    ring = jnp.cumsum(jnp.where(k <= big_k, 1.0 / (k + 1.0) ** 2, 0.0)[::-1])[::-1]  # smallest terms first
+
+    def half_norm(a):  # of the a × s half: ring[d]² times the number of its cells at distance d
+        within = ((jnp.minimum(a // 2, k) + jnp.minimum(a - 1 - a // 2, k) + 1)
+                  * (jnp.minimum(big_k, k) + jnp.minimum(s - 1 - big_k, k) + 1))  # cells at distance <= k
+        count = jnp.diff(within, prepend=0)
+        return jnp.sqrt(jnp.sum(count * ring**2))
+
+    top = i < big_k
+    a = jnp.where(top, big_k, s - big_k)  # rows of the half the cell is in
+    d = jnp.maximum(jnp.abs(jnp.where(top, i, i - big_k) - a // 2), jnp.abs(j - big_k))
+    value = ring[jnp.clip(d, 0, big_k)]
+    halves = jnp.where(top, value / jnp.maximum(half_norm(big_k), 1e-30), -value / half_norm(s - big_k)) / jnp.sqrt(2.0)
+    inside = (i >= 0) & (i < s) & (j >= 0) & (j < s)
+    return jnp.where(inside, jnp.where(s > 1, halves, value), 0.0)
 
 
-def _eta(s: int) -> np.ndarray:
-    """The L2 update pattern: nested rectangles on the top half, minus nested rectangles on the bottom half,
-    unit L2 norm (s × s)."""
-    out = np.concatenate([_rectangles(s // 2, s), -_rectangles(s - s // 2, s)], axis=0) if s > 1 else np.ones((1, 1))
-    return out / np.sqrt(np.sum(out**2))
-
-
-def _pattern_table(sizes, h: int, w: int) -> np.ndarray:
-    """(levels, 2, h, w): ``_eta(s)`` (and its transpose) at the top-left corner of an h × w canvas."""
-    table = np.zeros((len(sizes), 2, h, w), np.float32)
-    for i, s in enumerate(sizes):
-        e = _eta(int(s))
-        table[i, 0, :s, :s] = e
-        table[i, 1, :s, :s] = e.T
-    return table
+def _pattern(r, c, s, flip, h: int, w: int, size: int):
+    """(N, h, w): per example the pattern of side s with top-left corner (r, c), transposed where `flip`."""
+    rows = jnp.arange(h)[None, :, None] - r[:, None, None]
+    cols = jnp.arange(w)[None, None, :] - c[:, None, None]
+    flip = flip[:, None, None]
+    return _eta(jnp.where(flip, cols, rows), jnp.where(flip, rows, cols), s, size)
 
 
 def _window(r, c, s, h: int, w: int):
@@ -111,15 +121,6 @@ def _window(r, c, s, h: int, w: int):
     in_r = (rows >= r[:, None]) & (rows < r[:, None] + s)
     in_c = (cols >= c[:, None]) & (cols < c[:, None] + s)
     return in_r[:, :, None] & in_c[:, None, :]
-
-
-def _place(canvas, r, c, h: int, w: int):
-    """Shift per example the (N, h, w) top-left `canvas` to corner (r, c) (zero-filled)."""
-    ii = jnp.arange(h)[None, :] - r[:, None]
-    jj = jnp.arange(w)[None, :] - c[:, None]
-    ok = ((ii >= 0)[:, :, None]) & ((jj >= 0)[:, None, :])
-    take = jax.vmap(lambda t, a, b: t[jnp.clip(a, 0, h - 1)[:, None], jnp.clip(b, 0, w - 1)[None, :]])
-    return jnp.where(ok, take(canvas, ii, jj), 0.0)
 
 
 def _corner(key, s, size: int):
@@ -147,17 +148,21 @@ def _init_l2(keys, x, eps):
     n, h, w, c = x.shape
     s = max(h // 5, 1)
     first = (h - 5 * s) // 2
-    e = jnp.asarray(_eta(s), x.dtype)
-    delta = jnp.zeros_like(x)
     nr, nc = min(h // s, (h - first) // s), min(w // s, (w - first) // s)
+    if nr < 1 or nc < 1:  # no block fits
+        return x
     k_sign, k_flip = fold_keys(keys, 0), fold_keys(keys, 1)
     signs = jax.vmap(lambda k: _signs(k, (nr, nc, c)))(k_sign)
     flips = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (nr, nc)))(k_flip)
-    for i in range(nr):
-        for j in range(nc):
-            block = jnp.where(flips[:, i, j, None, None], e.T[None], e[None])  # (N, s, s)
-            r0, c0 = first + i * s, first + j * s
-            delta = delta.at[:, r0:r0 + s, c0:c0 + s, :].add(block[..., None] * signs[:, i, j][:, None, None, :])
+    # per pixel: its block (i, j) of the nr × nc grid of s × s blocks starting at (first, first), and its place in it
+    bi, ri = jnp.divmod(jnp.arange(h) - first, s)
+    bj, rj = jnp.divmod(jnp.arange(w) - first, s)
+    on = ((bi >= 0) & (bi < nr))[:, None] & ((bj >= 0) & (bj < nc))[None, :]  # (h, w)
+    bi, bj = jnp.clip(bi, 0, nr - 1)[:, None], jnp.clip(bj, 0, nc - 1)[None, :]
+    flip = flips[:, bi, bj]  # (N, h, w)
+    ri, rj = ri[None, :, None], rj[None, None, :]
+    e = _eta(jnp.where(flip, rj, ri), jnp.where(flip, ri, rj), s, s)
+    delta = jnp.where(on[None, :, :, None], e[..., None] * signs[:, bi, bj, :], 0.0).astype(x.dtype)
     return jnp.clip(x + eps * delta / (flat_norm(delta) + 1e-12), 0.0, 1.0)
 
 
@@ -168,7 +173,6 @@ def square_step(x, eps, norm: str, keys, *, n_queries: int = 5000, p_init: float
     the next candidate. `keys`: one PRNG key per example; `x`: the clean batch."""
     n, h, w, c = x.shape
     sizes = window_sizes(p_init, h, w, norm)
-    table = jnp.asarray(_pattern_table(sizes, h, w)) if norm == "l2" else None
 
     def init(v):
         return SquareState(v, jnp.full((n,), -jnp.inf, jnp.float32))
@@ -180,11 +184,11 @@ def square_step(x, eps, norm: str, keys, *, n_queries: int = 5000, p_init: float
         mask = _window(r, q, s, h, w)[..., None]
         return project(x_best + mask * (2.0 * eps) * sign[:, None, None, :], x, eps, "linf")
 
-    def candidate_l2(x_best, ks, s, level):
+    def candidate_l2(x_best, ks, s):
         draw = lambda i, size: jax.vmap(lambda k: _corner(jax.random.fold_in(k, i), s, size))(ks)
         r1, c1, r2, c2 = draw(0, h), draw(1, w), draw(3, h), draw(4, w)
         sign = jax.vmap(lambda k: _signs(jax.random.fold_in(k, 2), (c,)))(ks)  # (N, c)
-        flip = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 5), 0.5))(ks).astype(jnp.int32)
+        flip = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 5), 0.5))(ks)
         m1, m2 = _window(r1, c1, s, h, w)[..., None], _window(r2, c2, s, h, w)[..., None]
         delta = x_best - x
         sq = lambda a: jnp.sum(jnp.square(a), axis=(1, 2))  # per example and channel: (N, c)
@@ -192,7 +196,7 @@ def square_step(x, eps, norm: str, keys, *, n_queries: int = 5000, p_init: float
         union = jnp.sum(jnp.square(jnp.where(m1 | m2, delta, 0.0)), axis=(1, 2, 3))
         old = jnp.where(m1, delta, 0.0)
         old = old / (jnp.sqrt(sq(old))[:, None, None, :] + 1e-12)
-        pattern = _place(table[level][flip], r1, c1, h, w)  # (N, h, w)
+        pattern = _pattern(r1, c1, s, flip, h, w, int(sizes.max()))  # (N, h, w)
         new = pattern[..., None] * sign[:, None, None, :] + old
         new = new / (jnp.sqrt(sq(new))[:, None, None, :] + 1e-12) * jnp.sqrt(budget + union)[:, None, None, None]
         delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
@@ -206,7 +210,7 @@ def square_step(x, eps, norm: str, keys, *, n_queries: int = 5000, p_init: float
         level = _level(step, n_queries, rescale_schedule)
         s = jnp.asarray(sizes)[level]
         ks = fold_keys(fold_keys(keys, 2), step)
-        nxt = candidate_linf(x_best, ks, s) if norm == "linf" else candidate_l2(x_best, ks, s, level)
+        nxt = (candidate_linf if norm == "linf" else candidate_l2)(x_best, ks, s)
         return nxt - v, SquareState(x_best, best)
 
     return optax.GradientTransformationExtraArgs(init, update)
