@@ -73,7 +73,8 @@ def dlr_loss_targeted(logits, y, target):
     return -(pick(y) - pick(target)) / (top[..., 0] - 0.5 * (top[..., 2] + top[..., 3]) + 1e-12)
 
 
-def _resolve(loss) -> Callable:
+def resolve_apgd_loss(loss) -> Callable:
+    """``"dlr"`` -> :func:`dlr_loss`; otherwise as ``resolve_loss`` (``"ce"``, ``"cw"`` or a callable)."""
     if isinstance(loss, str) and loss == "dlr":
         return dlr_loss
     return resolve_loss(loss)
@@ -233,14 +234,17 @@ def apgd_step(x, eps, norm: str, steps: int, *, rho: float = 0.75, momentum: flo
 
 
 # ------------------------------------------------------------------------------------------------- attacks
-def _run(logits_fn, x, y, keys, key, *, eps, norm, steps, rho, loss_fn, targeted, success_y, loop):
+def _run(logits_fn, x, y, keys, key, *, eps, norm, steps, rho, loss_fn, targeted, success_y, loop,
+         success_fn=None):
     """One APGD run from the reference's random start: ``engine.Result`` (best point: successful first, then the
-    highest objective). ``success_y``/``targeted`` judge success; ``loss_fn(logits, y)`` is ascended."""
+    highest objective). ``success_y``/``targeted`` judge success (or ``success_fn(logits, success_y)``);
+    ``loss_fn(logits, y)`` is ascended."""
     x0 = sphere_start(keys, x, eps, norm)
 
     def value_fn(z, k):
         value, logits = loss_and_logits(logits_fn, loss_fn, z, y, k, targeted)
-        return engine.Evaluation(value, is_success(logits, success_y, targeted))
+        ok = is_success(logits, success_y, targeted) if success_fn is None else success_fn(logits, success_y)
+        return engine.Evaluation(value, ok)
 
     return engine.run(value_fn, x0, key=key, steps=steps, optimizer=apgd_step(x, eps, norm, steps, rho=rho),
                       project=lambda v: project(v, x, eps, norm), keep="best", loop=loop)
@@ -259,6 +263,7 @@ def apgd(
     restarts: int = 1,
     rho: float = 0.75,
     targeted: bool = False,
+    success_fn: Callable | None = None,
     indices=None,
     loop: str = "auto",
     validate: bool = True,
@@ -270,16 +275,20 @@ def apgd(
     target). Each of `restarts` runs starts at a random point of the sphere of radius eps; per example the first
     successful run is kept (else the highest objective). Returns per example the best point seen: an adversarial
     one if any iterate was, else the highest-objective one. `logits_fn` may be an :class:`EOT` (the objective is the
-    mean over its samples, success is judged on its prediction). `indices`: per-example key indices (see the module
-    docstring). Cost per example and restart: `steps` forward+backward passes and one forward pass."""
+    mean over its samples, success is judged on its prediction). `success_fn` ``(logits, y) -> bool (N,)`` replaces
+    the success criterion (misclassified, or classified as the target) that decides which point and which restart is
+    kept — e.g. "misclassified and not flagged by a detector" (:func:`robust_jax.attacks.detector_apgd`); it sees
+    the logits success is judged on. `indices`: per-example key indices (see the module docstring). Cost per example
+    and restart: `steps` forward+backward passes and one forward pass."""
     validate_common("apgd", x, y, eps, norm, steps, restarts, validate)
-    loss_fn = _resolve(loss)
+    loss_fn = resolve_apgd_loss(loss)
     keys = example_keys(key, x.shape[0], indices)
     run_key = jax.random.split(key)[1]  # the engine's (EOT samples), apart from the examples' keys
 
     def run(r):
         return _run(logits_fn, x, y, fold_keys(keys, r), jax.random.fold_in(run_key, r), eps=eps, norm=norm,
-                    steps=steps, rho=rho, loss_fn=loss_fn, targeted=targeted, success_y=y, loop=loop)
+                    steps=steps, rho=rho, loss_fn=loss_fn, targeted=targeted, success_y=y, loop=loop,
+                    success_fn=success_fn)
 
     return first_success(run, restarts, x).x
 
