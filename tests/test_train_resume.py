@@ -4,6 +4,7 @@ Fast tests train in-process on generated MNIST-shaped data; the slow one kills r
 subprocesses on real MNIST at random steps, including during a checkpoint save.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -17,29 +18,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from toy import toy_mnist, toy_train_config
 
 from robust_jax import training
 
 TIMING = ("seconds", "images_per_s")  # the only metrics.jsonl fields a resumed run may change
 
 
-def _toy_data(n=192, seed=0):
-    """MNIST-shaped images whose label is the row band lit up: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = rng.integers(0, 60, (n, 28, 28, 1))
-    for i, c in enumerate(y):
-        x[i, 2 * c : 2 * c + 3, :, 0] = 255
-    return x.astype(np.uint8), y.astype(np.int32)
-
-
-X, Y = _toy_data()  # 6 steps per epoch at batch 32, 12 in all
-
-
-def _config(**kw):
-    base = dict(dataset="mnist", architecture={"name": "BasicCNN", "dropout_rate": 0.1}, epochs=2, batch_size=32,
-                optimizer="adam", lr=3e-3, schedule="onecycle", seed=3, checkpoint_every_steps=4)
-    return training.TrainConfig(**{**base, **kw})
+X, Y = toy_mnist(192)  # 6 steps per epoch at batch 32, 12 in all
+_config = functools.partial(toy_train_config, schedule="onecycle", checkpoint_every_steps=4)
 
 
 def _train(workdir, x=X, config=None, **kw):

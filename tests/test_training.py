@@ -1,30 +1,18 @@
+import functools
+
 import jax
 import numpy as np
 import optax
 from flax import linen as nn
+from toy import toy_mnist, toy_train_config
 
 from robust_jax import models, training, transforms
 
-
-def _toy_data(n=256, seed=0):
-    """MNIST-shaped images whose label is the brightest quadrant-row pattern: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = rng.integers(0, 60, (n, 28, 28, 1))
-    for i, c in enumerate(y):
-        x[i, 2 * c : 2 * c + 3, :, 0] = 255
-    return x.astype(np.uint8), y.astype(np.int32)
-
-
-def _config(**kw):
-    base = dict(dataset="mnist", architecture={"name": "BasicCNN", "dropout_rate": 0.1}, epochs=2, batch_size=32,
-                optimizer="adam", lr=3e-3, schedule="constant", seed=3, checkpoint_every_steps=3)
-    base.update(kw)
-    return training.TrainConfig(**base)
+_config = functools.partial(toy_train_config, schedule="constant", checkpoint_every_steps=3)
 
 
 def _run(workdir, **kw):
-    x, y = _toy_data()
+    x, y = toy_mnist()
     return training.train(_config(), workdir, progress=False, train_data=(x, y), val_data=(x[:64], y[:64]),
                           log=lambda s: None, **kw)
 
@@ -34,7 +22,7 @@ def test_loss_falls_on_tiny_batch():
     tx = optax.adam(1e-3)
     state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
     step = training.make_train_step(m, tx, donate=False)
-    x, y = _toy_data(32)
+    x, y = toy_mnist(32)
     losses = []
     for _ in range(15):
         state, metrics = step(state, x, y)
@@ -48,7 +36,7 @@ def test_donating_train_step_compiles_once_and_frees_the_old_state():
     tx = optax.sgd(0.1)
     state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
     step = training.make_train_step(m, tx)  # donate=True: the input state's buffers are reused for the output
-    x, y = _toy_data(16)
+    x, y = toy_mnist(16)
     for _ in range(3):
         old = state
         state, _ = step(state, x, y)
@@ -75,7 +63,7 @@ def test_same_seed_same_params_other_seed_differs(tmp_path):
     a, b = _run(tmp_path / "a"), _run(tmp_path / "b")
     for u, v in zip(_params(a), _params(b)):
         np.testing.assert_array_equal(u, v)
-    x, y = _toy_data()
+    x, y = toy_mnist()
     c = training.train(_config(seed=4), tmp_path / "c", progress=False, train_data=(x, y),
                        val_data=(x[:64], y[:64]), log=lambda s: None)
     assert any(not np.array_equal(u, v) for u, v in zip(_params(a), _params(c)))
@@ -118,7 +106,7 @@ def test_adversary_stays_in_ball_and_raises_loss():
     tx = optax.adam(3e-3)
     state = training.create_train_state(m, tx, jax.random.PRNGKey(0), (28, 28, 1))
     step = training.make_train_step(m, tx, donate=False)
-    x, y = _toy_data(64)
+    x, y = toy_mnist(64)
     for _ in range(3):  # a little trained, not saturated (loss ~0 leaves nothing to raise)
         state, _ = step(state, x, y)
     f = lambda z: models.logits_of(m.apply(state.variables, z))
@@ -131,7 +119,7 @@ def test_adversary_stays_in_ball_and_raises_loss():
 
 
 def test_train_with_adversary_and_rotation_runs(tmp_path):
-    x, y = _toy_data(128)
+    x, y = toy_mnist(128)
     cfg = _config(epochs=1, adversary="fgsm_rs", adv_eps=0.1, augment="rotate", rotation_degrees=10.0)
     r = training.train(cfg, tmp_path, progress=False, train_data=(x, y), val_data=(x[:64], y[:64]),
                        log=lambda s: None)
@@ -154,7 +142,7 @@ def test_adversarial_training_raises_robust_accuracy_of_toy_model():
     (Measured over 3 seeds: PGD-10 accuracy 0.0 after standard training, 0.52-0.93 after PGD-3 training.)"""
     from robust_jax import attacks
 
-    x, y = _toy_data(256)
+    x, y = toy_mnist(256)
     xf = x.astype(np.float32) / 255
     m, tx, eps = _MLP(), optax.adam(3e-3), 0.25
     robust = {}
