@@ -4,9 +4,10 @@ Why: JAX's transpose rule for ``lax.conv_general_dilated`` emits the input-gradi
 input/output channels swapped in its dimension numbers (and the weight gradient with batch and feature swapped).
 XLA:CPU rewrites such non-canonical convolutions into canonical NHWC/HWIO form with a pass that only visits the
 entry computation, so inside a ``while`` body (``lax.fori_loop`` / ``lax.scan``, e.g. a rolled PGD loop) they stay
-non-canonical and take a slow path (measured 6-14x slower per convolution; shared performance notes). Here the
-backward pass builds the flipped, channel-swapped kernel and the transposed operands explicitly, so every
-convolution XLA sees is an ordinary ``NHWC x HWIO -> NHWC`` forward convolution wherever it sits.
+non-canonical and take a slow path. Here the backward pass builds the flipped, channel-swapped kernel and the
+transposed operands explicitly, so every convolution XLA sees is an ordinary ``NHWC x HWIO -> NHWC`` forward
+convolution wherever it sits. The measurements behind this design (the slow path's cost, each formulation below
+against its alternatives) are in ``benchmarks/README.md`` ("The custom-VJP convolution: design measurements").
 
 :func:`conv_general_dilated` is a drop-in for ``jax.lax.conv_general_dilated`` with the same signature, for Flax's
 ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``. The custom VJP covers channels-last convolutions
@@ -24,14 +25,11 @@ Backward pass, for forward stride ``s``, kernel size ``k``, padding ``(lo, hi)``
   spatial dim; phase ``r`` only sees the kernel taps ``r, r+s, ...``, so each phase is a small stride-1
   convolution of the cotangent with that sub-kernel, and the phases are interleaved. This does the forward's
   FLOPs, where the dilated form (``dx="dilated"``: the cotangent dilated by ``s``, as JAX's own rule does)
-  multiplies ``s^d - 1`` zeros out of every ``s^d`` products (measured 1.4-1.6x faster on ResNet-10/64's strided
-  layers at 32x32 and 16x16, equal at 8x8).
+  multiplies ``s^d - 1`` zeros out of every ``s^d`` products.
 - weight gradient: the correlation of input and cotangent as a forward convolution with the batch as the
   contracted feature dimension: ``x`` as ``(Cin, H, W, N)``, the cotangent as an ``(O_h, O_w, N, Cout)`` kernel
   dilated by ``s``, giving ``(Cin, k_h, k_w, Cout)``. For 1x1 kernels: one matrix product of the strided input
-  and the cotangent (as a dilated convolution, the strided 1x1 shortcuts made the ResNet-10/16 train step ~10%
-  slower). One matrix product per kernel tap for larger kernels made the ResNet-10/64 train step 1.7x slower. With
-  these forms the train step runs at the speed of JAX's own gradients (benchmarks/README.md).
+  and the cotangent. (Larger kernels keep the convolution form rather than one matrix product per kernel tap.)
 
 Both gradients equal JAX's autodiff gradients up to float32 summation order (tests/test_conv.py). The backward
 pass is built from differentiable ``lax`` ops, so reverse-over-reverse (``jax.grad`` of ``jax.grad``) works;
