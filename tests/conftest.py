@@ -1,5 +1,6 @@
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from robust_jax import data
@@ -32,3 +33,18 @@ def need_checkpoint():
         return checkpoints.load(name)
 
     return need
+
+
+@pytest.fixture
+def real_test_images(need_checkpoint, real_data):
+    """``load(checkpoint, n) -> (model, x, y)``: a checkpoint and the first `n` test images of its dataset (pixels in
+    [0, 1]) and their labels, as jax arrays; skips unless both the checkpoint and the real dataset are present."""
+
+    def load(name: str, n: int):
+        m = need_checkpoint(name)
+        ds = m.card["dataset"]
+        real_data(ds)
+        x, y = data.load(ds, data.head(ds, data.splits(ds)["test"], n))
+        return m, jnp.asarray(data.to_float(x)), jnp.asarray(y)
+
+    return load

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from toy import linear, toy_linear
 
-from robust_jax import attacks, data, energy, runner
+from robust_jax import attacks, energy, runner
 
 KEY = jax.random.PRNGKey(0)
 
@@ -130,13 +130,6 @@ def test_le_pgd_is_pgd_with_energy_loss():
 
 
 # ------------------------------------------------------------------------------------------ on the real model
-def _mnist(need_checkpoint, real_data, n):
-    m = need_checkpoint("mnist_basic_cnn")
-    real_data("mnist")
-    x, y = data.load("mnist", f"test[:{n}]")
-    return m, jnp.asarray(data.to_float(x)), jnp.asarray(y)
-
-
 def _pgd_acc(m, x, y, steps, eps=0.3):
     attack = jax.jit(lambda v, x, y, k: attacks.pgd(functools.partial(m.apply, v), x, y, key=k, eps=eps,
                                                     step_size=2.5 * eps / steps, steps=steps))
@@ -144,8 +137,8 @@ def _pgd_acc(m, x, y, steps, eps=0.3):
     return float(jnp.mean(attacks.predict(m, adv) == y)), adv
 
 
-def test_pgd_beats_mnist_cnn_quick(need_checkpoint, real_data):
-    m, x, y = _mnist(need_checkpoint, real_data, 100)
+def test_pgd_beats_mnist_cnn_quick(real_test_images):
+    m, x, y = real_test_images("mnist_basic_cnn", 100)
     acc, adv = _pgd_acc(m, x, y, steps=10)
     assert float(jnp.mean(attacks.predict(m, x) == y)) >= 0.97
     assert acc <= 0.05
@@ -153,8 +146,8 @@ def test_pgd_beats_mnist_cnn_quick(need_checkpoint, real_data):
 
 
 @pytest.mark.slow
-def test_pgd40_mnist_and_more_steps_never_help(need_checkpoint, real_data):
-    m, x, y = _mnist(need_checkpoint, real_data, 500)
+def test_pgd40_mnist_and_more_steps_never_help(real_test_images):
+    m, x, y = real_test_images("mnist_basic_cnn", 500)
     acc40, _ = _pgd_acc(m, x, y, steps=40)
     assert acc40 <= 0.01
     acc_by_steps = [_pgd_acc(m, x, y, steps=s, eps=0.1)[0] for s in (5, 20, 60)]

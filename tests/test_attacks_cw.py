@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from toy import linear, toy_linear
 
-from robust_jax import attacks, data
+from robust_jax import attacks
 from robust_jax.attacks.cw import cw_l2, cw_loss, from_tanh_space, to_tanh_space
 
 # The rolled loop (cw_l2's "auto"); test_unrolled_and_rolled_loops_agree checks the unrolled form computes the same.
@@ -171,11 +171,8 @@ def test_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------------ on the real model
-def _mnist_correct(need_checkpoint, real_data, n):
-    m = need_checkpoint("mnist_basic_cnn")
-    real_data("mnist")
-    x, y = data.load("mnist", f"test[:{n + n // 5 + 5}]")
-    x, y = jnp.asarray(data.to_float(x)), jnp.asarray(y)
+def _mnist_correct(real_test_images, n):
+    m, x, y = real_test_images("mnist_basic_cnn", n + n // 5 + 5)
     ok = np.asarray(attacks.predict(m, x) == y)
     assert ok.sum() >= n
     return m, x[ok][:n], y[ok][:n]
@@ -185,8 +182,8 @@ def _cw_jit(m, **kw):
     return jax.jit(lambda v, x, y: cw_l2(functools.partial(m.apply, v), x, y, **{"key": jax.random.PRNGKey(0), **kw}))
 
 
-def test_cw_fools_mnist_cnn_quick(need_checkpoint, real_data):
-    m, x, y = _mnist_correct(need_checkpoint, real_data, 20)
+def test_cw_fools_mnist_cnn_quick(real_test_images):
+    m, x, y = _mnist_correct(real_test_images, 20)
     adv = _cw_jit(m, steps=20, lr=0.2, binary_search_steps=2, initial_const=3.0, **FAST)(m.variables, x, y)
     ok = np.asarray(attacks.success(m, adv, y))
     assert ok.mean() >= 0.8, ok
@@ -209,8 +206,8 @@ def _min_pgd_l2(m, x, y, radii, steps=20):
 
 
 @pytest.mark.slow
-def test_cw_l2_mnist_beats_pgd_l2(need_checkpoint, real_data):
-    m, x, y = _mnist_correct(need_checkpoint, real_data, 100)
+def test_cw_l2_mnist_beats_pgd_l2(real_test_images):
+    m, x, y = _mnist_correct(real_test_images, 100)
     adv = _cw_jit(m, steps=100, lr=0.1, binary_search_steps=5, initial_const=1.0, **FAST)(m.variables, x, y)
     ok_cw = np.asarray(attacks.success(m, adv, y))
     assert ok_cw.mean() >= 0.99

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from toy import linear, toy_linear
 
-from robust_jax import attacks, data
+from robust_jax import attacks
 from robust_jax.attacks.jsma import best_pair
 
 KEY = jax.random.PRNGKey(0)
@@ -191,13 +191,6 @@ def test_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------------ on the real model
-def _mnist(need_checkpoint, real_data, n):
-    m = need_checkpoint("mnist_basic_cnn")
-    real_data("mnist")
-    x, y = data.load("mnist", f"test[:{n}]")
-    return m, jnp.asarray(data.to_float(x)), jnp.asarray(y)
-
-
 def _random_targets(y, seed=0):
     """A seeded random target != y for every example."""
     shift = np.random.default_rng(seed).integers(1, 10, len(y))
@@ -211,8 +204,8 @@ def _run(m, x, t, **kw):
     return adv, ok, _changed(adv, x).mean(1)
 
 
-def test_jsma_mnist_cnn_quick(need_checkpoint, real_data):
-    m, x, y = _mnist(need_checkpoint, real_data, 10)
+def test_jsma_mnist_cnn_quick(real_test_images):
+    m, x, y = real_test_images("mnist_basic_cnn", 10)
     t = _random_targets(y)
     adv, ok, frac = _run(m, x, t, theta=1.0, gamma=0.1, loop="fori")
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
@@ -222,10 +215,10 @@ def test_jsma_mnist_cnn_quick(need_checkpoint, real_data):
 
 
 @pytest.mark.slow
-def test_jsma_mnist_cnn_paper_setting(need_checkpoint, real_data):
+def test_jsma_mnist_cnn_paper_setting(real_test_images):
     """The paper's MNIST setting (theta = +1, gamma = 14.5%): >= 85% targeted success on 100 test images,
     changing <= 15% of the pixels on average (the paper reports 97.1% success with 4.02% of the pixels changed)."""
-    m, x, y = _mnist(need_checkpoint, real_data, 100)
+    m, x, y = real_test_images("mnist_basic_cnn", 100)
     t = _random_targets(y)
     adv, ok, frac = _run(m, x, t, theta=1.0, gamma=0.145)
     assert frac.max() <= 0.145
@@ -234,11 +227,11 @@ def test_jsma_mnist_cnn_paper_setting(need_checkpoint, real_data):
 
 
 @pytest.mark.slow
-def test_jsma_default_cleverhans_protocol(need_checkpoint, real_data):
+def test_jsma_default_cleverhans_protocol(real_test_images):
     """The CleverHans tutorial protocol: each of the first 20 MNIST test images against all 9 other classes at the
     defaults (theta = 1, gamma = 0.1). The default variant (softmax, JSMA-F) must reach >= 90% targeted success
     changing <= 10% of the pixels on the successes (Papernot et al. 2016 report 97%)."""
-    m, x, y = _mnist(need_checkpoint, real_data, 20)
+    m, x, y = real_test_images("mnist_basic_cnn", 20)
     xs = jnp.repeat(x, 9, axis=0)
     ts = jnp.asarray([(int(c) + s) % 10 for c in np.asarray(y) for s in range(1, 10)], y.dtype)
     adv, ok, frac = _run(m, xs, ts)

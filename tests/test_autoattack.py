@@ -431,19 +431,9 @@ def test_runner_drops_fooled_points_and_resumes_after_a_kill(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------------- trained models (slow)
-def _real(need_checkpoint, real_data, name, n):
-    from robust_jax import data
-
-    m = need_checkpoint(name)
-    ds = m.card["dataset"]
-    real_data(ds)
-    x, y = data.load(ds, data.head(ds, data.splits(ds)["test"], n))
-    return m, jnp.asarray(data.to_float(x)), jnp.asarray(y)
-
-
 @pytest.mark.slow
-def test_apgd_ce_is_at_least_as_strong_as_pgd_with_the_same_budget(need_checkpoint, real_data):
-    m, x, y = _real(need_checkpoint, real_data, "mnist_basic_cnn", 64)
+def test_apgd_ce_is_at_least_as_strong_as_pgd_with_the_same_budget(real_test_images):
+    m, x, y = real_test_images("mnist_basic_cnn", 64)
     f = lambda v: functools.partial(m.apply, v)
     kw = dict(eps=0.1, steps=100)
     a = jax.jit(lambda v, x, y: attacks.apgd(f(v), x, y, key=KEY, **kw))(m.variables, x, y)
@@ -454,26 +444,26 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd_with_the_same_budget(need_checkpoi
 
 
 @pytest.mark.slow
-def test_square_alone_breaks_an_undefended_model(need_checkpoint, real_data):
-    m, x, y = _real(need_checkpoint, real_data, "cifar10_resnet10", 16)
+def test_square_alone_breaks_an_undefended_model(real_test_images):
+    m, x, y = real_test_images("cifar10_resnet10", 16)
     out = jax.jit(lambda v, x, y: attacks.square(functools.partial(m.apply, v), x, y, key=KEY, eps=8 / 255,
                                                  n_queries=3000))(m.variables, x, y)
     assert float(jnp.mean(attacks.predict(m, out) == y)) <= 0.05
 
 
 @pytest.mark.slow
-def test_protocol_on_trained_models(need_checkpoint, real_data):
+def test_protocol_on_trained_models(real_test_images):
     """Undefended: 0% robust. Adversarially trained: the robust set is the intersection of the single attacks'
     and does not depend on the batch size (32 vs 128). Reduced budgets (``quick``) keep it affordable."""
     quick = {"apgd-ce": {"steps": 20}, "apgd-t": {"steps": 20, "n_target_classes": 2},
              "fab-t": {"steps": 20, "n_target_classes": 2}, "square": {"n_queries": 200}}
-    m, x, y = _real(need_checkpoint, real_data, "cifar10_resnet10", 16)
+    m, x, y = real_test_images("cifar10_resnet10", 16)
     aa = lambda mm, **kw: jax.jit(lambda v, x, y, idx: attacks.autoattack(
         functools.partial(mm.apply, v), x, y, key=KEY, eps=8 / 255, indices=idx, **kw))
     out = aa(m, options=quick)(m.variables, x, y, jnp.arange(16))
     assert float(jnp.mean(attacks.predict(m, out) == y)) == 0.0
 
-    m, x, y = _real(need_checkpoint, real_data, "cifar10_resnet10_pgd", 128)
+    m, x, y = real_test_images("cifar10_resnet10_pgd", 128)
     full = aa(m, options=quick)(m.variables, x, y, jnp.arange(128))
     robust = np.asarray(attacks.predict(m, full) == y)
     assert 0.2 < robust.mean() < 0.6

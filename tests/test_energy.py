@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_jax import attacks, data, energy
+from robust_jax import attacks, energy
 
 
 def test_energy_hand_formula_and_temperature():
@@ -36,12 +36,9 @@ def test_fit_detector_picks_separating_temperature():
 
 
 @pytest.mark.slow
-def test_pgd_lowers_energy_and_le_pgd_keeps_it(need_checkpoint, real_data):
+def test_pgd_lowers_energy_and_le_pgd_keeps_it(real_test_images):
     """Pins the sign convention on the trained CIFAR-10 ResNet: PGD lowers energy as steps grow, LE-PGD doesn't."""
-    m = need_checkpoint("cifar10_resnet10")
-    real_data("cifar10")
-    x, y = data.load("cifar10", "test[:200]")
-    x, y = jnp.asarray(data.to_float(x)), jnp.asarray(y)
+    m, x, y = real_test_images("cifar10_resnet10", 200)
     attack = jax.jit(lambda v, x, y, k, steps, lam: attacks.le_pgd(
         functools.partial(m.apply, v), x, y, key=k, eps=8 / 255, step_size=2 / 255, steps=steps, lam=lam),
         static_argnums=(4,))
