@@ -5,7 +5,10 @@
 
 Energy is ``E(x) = −T·logsumexp(logits/T)`` (see robust_jax/energy.py for the sign convention); the detector
 flags ``−E >= threshold``. Temperature and threshold are fitted on validation data (clean ``train[45000:]`` vs
-PGD on it) and applied unchanged to test data. Writes results.json, results.md and PNG figures to --out_dir.
+PGD on it) and applied unchanged to test data. The deployed detector (fitted on PGD with --fixed_steps) then faces
+LE-PGD (--lams) and, with --apgd (default on), APGD-based adaptive attacks: LE-APGD (--apgd_lams) and
+detector-aware APGD (``attacks.detector_apgd``: misclassified *and* below the deployed threshold). Writes
+results.json, results.md and PNG figures to --out_dir.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ cli.count("mc_num_examples", 100, "MC-dropout comparison: N test and N validatio
           "~1.5 min)", lower=0)
 cli.count("mc_samples", 8, "MC-dropout comparison: dropout masks per prediction and per EOT attack step")
 flags.DEFINE_float("mc_lam", 3.0, "MC-dropout comparison: LE-PGD lambda", lower_bound=0.0)
+flags.DEFINE_bool("apgd", True, "APGD rows against the deployed detector: LE-APGD at --apgd_lams and detector-aware "
+                  "APGD (--noapgd skips them); each row costs 100 APGD steps per test image, about as much as "
+                  "PGD-50 on the test and validation images together (~1.5 min at the default N=500 on a quiet "
+                  "2-core host)")
+cli.float_list("apgd_lams", [3.0], "LE-APGD lambdas (the headline 3; add 1 with --apgd_lams=1,3)")
+cli.count("apgd_steps", 100, "LE-APGD and detector-aware APGD iterations")
 FLAGS = flags.FLAGS
 
 # The checkpoints' convolutions have a custom VJP (robust_jax.conv), so a rolled loop runs as fast as an unrolled one
@@ -93,6 +102,13 @@ def main(argv):
     logits, seconds = attack_logits(m, s, x_test, y_test, x_val, y_val, key)
     results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count(), m.model.conv_impl),
                **analyse(s, logits, y_test)}
+    if FLAGS.apgd:
+        t = time.time()
+        results["apgd"] = apgd_detection(m, s, x_test, y_test, logits["test"][0], results["detector"],
+                                         jax.random.fold_in(key, 7))
+        seconds["apgd"] = time.time() - t
+    else:
+        results["apgd"] = "not run: --noapgd"
     if FLAGS.mc_num_examples > 0 and MC_DROPOUT[s.dataset] in checkpoints.available():
         t = time.time()
         results["mc_dropout"] = mc_dropout_detection(s, x_val, y_val, x_test, y_test, jax.random.fold_in(key, 6))
@@ -197,6 +213,49 @@ def analyse(s, logits, y_test) -> dict:
     return r
 
 
+def apgd_detection(m, s, x_test, y_test, clean_logits, det, key) -> dict:
+    """The deployed detector (fitted on validation PGD, applied unchanged) against APGD-based adaptive attacks on
+    test: LE-APGD (APGD on CE + λ·E at T=1, as LE-PGD) at each --apgd_lams, and detector-aware APGD (APGD on
+    ``min(margin, threshold − T·logsumexp(z/T))`` at the deployed T and threshold; success = misclassified and not
+    flagged). Rows as LE-PGD's, plus ``fooled_undetected``: the fraction of test images misclassified and not
+    flagged (the attack's success against classifier + detector)."""
+    import jax
+    import numpy as np
+
+    from robust_jax import attacks, energy, evaluate, runner
+
+    kw = dict(eps=s.eps, steps=FLAGS.apgd_steps, loop=LOOP)
+
+    def le_apgd(v_lam, x, y, k):  # lambda traced: one compilation for every lambda
+        v, lam = v_lam
+        return m.apply(v, attacks.le_apgd(functools.partial(m.apply, v), x, y, key=k, lam=lam, **kw))
+
+    def detector_apgd(v_det, x, y, k):  # the detector traced too
+        v, thr, t = v_det
+        return m.apply(v, attacks.detector_apgd(functools.partial(m.apply, v), x, y, key=k, threshold=thr,
+                                                temperature=t, **kw))
+
+    run = functools.partial(runner.run_attack, batch_size=FLAGS.batch_size)
+    thr, t = np.float32(det["threshold"]), np.float32(det["temperature"])
+    adv = {("le_apgd", lam): run(le_apgd, (m.variables, np.float32(lam)), x_test, y_test,
+                                 key=jax.random.fold_in(key, i), desc=f"LE-APGD lam={lam:g}")
+           for i, lam in enumerate(FLAGS.apgd_lams)}
+    adv[("detector_apgd", None)] = run(detector_apgd, (m.variables, thr, t), x_test, y_test,
+                                       key=jax.random.fold_in(key, 99), desc="detector-aware APGD")
+    rows = []
+    for (name, lam), z in adv.items():
+        flagged = np.asarray(energy.detect(z, det))
+        rows.append({"attack": name, "lam": lam, "steps": FLAGS.apgd_steps, "eps": s.eps,
+                     **evaluate.energy_detector_report(det, clean_logits, z, y_test)[0],
+                     "fooled_undetected": float(np.mean((z.argmax(-1) != y_test) & ~flagged)),
+                     "mean_energy": float(np.mean(energy.energy(z)))})
+    return {"steps": FLAGS.apgd_steps, "lams": list(FLAGS.apgd_lams),
+            "objectives": {"le_apgd": "CE + lam*E, E = -logsumexp(logits) (T=1); success = misclassified",
+                           "detector_apgd": "min(max_{j!=y} z_j - z_y, threshold - T*logsumexp(z/T)) at the "
+                                            "deployed T and threshold; success = misclassified and not flagged"},
+            "rows": rows}
+
+
 def make_figures(s, logits, r, y_test, out) -> list[str]:
     """The five figures; returns their file names."""
     import numpy as np
@@ -291,7 +350,8 @@ def config_record(s, n_test, n_val, devices, conv_impl) -> dict:
     return {"dataset": s.dataset, "checkpoint": s.checkpoint, "conv_impl": conv_impl,
             "num_examples": n_test, "num_val": n_val, "eps": s.eps, "big_eps": s.big_eps, "step_size": s.step_size,
             "steps": s.curve_steps, "detector_steps": s.det_steps, "fixed_steps": s.fixed, "lams": s.lams,
-            "le_steps": FLAGS.le_steps, "threshold": FLAGS.threshold,
+            "le_steps": FLAGS.le_steps, "apgd": FLAGS.apgd, "apgd_lams": list(FLAGS.apgd_lams) if FLAGS.apgd else [],
+            "apgd_steps": FLAGS.apgd_steps if FLAGS.apgd else None, "threshold": FLAGS.threshold,
             "target_fpr": FLAGS.target_fpr if FLAGS.threshold == "fpr" else None, "seed": FLAGS.seed,
             "devices": devices, "energy_convention": "E = -T*logsumexp(logits/T); detector score = -E"}
 
@@ -321,7 +381,15 @@ def summary(r) -> list[str]:
         lines.append("MC-dropout vs deterministic: PGD detected " + " / ".join(
             f"{_pct(mc[k]['pgd']['tpr'])}%" for k in ("mc_dropout", "deterministic")) + ", LE-PGD " + " / ".join(
             f"{_pct(mc[k]['le_pgd']['tpr'])}%" for k in ("mc_dropout", "deterministic")))
+    if isinstance(r.get("apgd"), dict):
+        lines.append(f"APGD-{r['apgd']['steps']}: " + ", ".join(
+            f"{_apgd_name(x)} detected {_pct(x['tpr'])}% (acc {_pct(x['adversarial_accuracy'])}%, fooled and "
+            f"undetected {_pct(x['fooled_undetected'])}%)" for x in r["apgd"]["rows"]))
     return lines
+
+
+def _apgd_name(row) -> str:
+    return f"LE-APGD λ={row['lam']:g}" if row["attack"] == "le_apgd" else "detector-aware APGD"
 
 
 def markdown(r, figures=()) -> str:
@@ -364,6 +432,22 @@ def markdown(r, figures=()) -> str:
                      f"{_pct(x['adversarial_accuracy'])} | {x['mean_energy']:.3f} |")
     lines += ["", f"Headline λ ({head['rule']}): λ={head['lam']:g}, detected {_pct(head['tpr'])}% "
               "(the λ drawn in energy_hist_le_pgd.png)."]
+    ap = r.get("apgd")
+    if isinstance(ap, str):
+        lines += ["", f"APGD rows: {ap}."]
+    elif ap is not None:
+        lines += ["", f"## APGD against the deployed detector (T={r['detector']['temperature']:g}, fixed threshold; "
+                  f"{ap['steps']} iterations)", "",
+                  "LE-APGD: APGD (step-size schedule, momentum, keep-best) on CE + λ·E at T=1, as LE-PGD. "
+                  "Detector-aware APGD: APGD on min(max_{j≠y} z_j − z_y, threshold − T·logsumexp(z/T)) at the "
+                  "deployed T and threshold, keeping per example the best point that is misclassified and not "
+                  "flagged. *Fooled & undetected*: test images misclassified and not flagged.", "",
+                  "| attack | DR % | FPR % | AUROC | classifier acc % | fooled & undetected % | mean energy |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in ap["rows"]:
+            lines.append(f"| {_apgd_name(x)} | {_pct(x['tpr'])} | {_pct(x['fpr'])} | {x['auroc']:.4f} | "
+                         f"{_pct(x['adversarial_accuracy'])} | {_pct(x['fooled_undetected'])} | "
+                         f"{x['mean_energy']:.3f} |")
     mc = r["mc_dropout"]
     if isinstance(mc, str):
         lines += ["", f"MC-dropout model: {mc}."]

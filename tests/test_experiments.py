@@ -23,8 +23,8 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
     real_data("mnist")
     _run("experiments.energy_detection", "--dataset=mnist", "--num_examples=24", "--steps=0,1,2",
          "--detector_steps=1,2", "--fixed_steps=2", "--lams=1", "--le_steps=2", "--batch_size=24",
-         "--num_val=24", "--mc_num_examples=8", "--mc_samples=2", "--conv_impl=xla",
-         f"--out_dir={tmp_path}")
+         "--num_val=24", "--mc_num_examples=8", "--mc_samples=2", "--conv_impl=xla", "--apgd_lams=3",
+         "--apgd_steps=3", f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["config"]["conv_impl"] == "xla"
     assert [row["steps"] for row in r["energy_vs_steps"]] == [0, 1, 2]
@@ -39,6 +39,13 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
     assert set(mc["rows"]) == {"deterministic", "mc_dropout"} and mc["eot_samples"] == 2
     for row in mc["rows"].values():
         assert {"tpr", "fpr", "auroc", "adversarial_accuracy"} <= set(row["pgd"]) and "le_pgd" in row
+    ap = r["apgd"]
+    assert ap["steps"] == 3 and [(x["attack"], x["lam"]) for x in ap["rows"]] == [("le_apgd", 3.0),
+                                                                               ("detector_apgd", None)]
+    for row in ap["rows"]:
+        assert {"tpr", "fpr", "auroc", "adversarial_accuracy", "mean_energy"} <= set(row)
+        assert 0 <= row["fooled_undetected"] <= 1 - row["adversarial_accuracy"] + 1e-9
+    assert "detector-aware APGD" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "energy_hist_pgd.png", "energy_vs_steps.png", "energy_hist_le_pgd.png",
                  "roc_pgd_vs_le_pgd.png", "auroc_vs_lambda.png"):
         assert (tmp_path / name).stat().st_size > 0
