@@ -5,16 +5,24 @@
 
 Evaluates the first --num_examples test images with the protocol of ``robust_jax.attacks.autoattack`` (``standard``:
 APGD-CE, APGD-T, FAB-T, Square with the reference's parameters; ``plus``; ``rand``: APGD-CE / APGD-DLR with EOT over
-20 samples of the checkpoint's MC-dropout model; ``custom`` with --attacks). Each attack runs only on the points
-still robust: the fooled ones are dropped between attacks (and the remaining ones attacked in chunks of at most
---batch_size, split over all devices by ``robust_jax.runner.run_attack``). Example i draws its randomness from
-``fold_in(fold_in(key, attack), i)`` (i = its position in the test split), so results do not depend on the chunking,
-on --batch_size or on resuming.
+--eot_samples (20) samples of a randomised defence; ``custom`` with --attacks). --defence picks the defended model
+(``robust_jax.evaluate.Defence``): ``none`` (the network itself; default except for ``rand``), ``epistemic``
+(MC-dropout, the default for ``rand``) or ``aleatoric`` (a heteroscedastic checkpoint's logit draws μ + σ·ε); a
+randomised defence is attacked through EOT over --eot_samples samples per gradient step (the ``adaptive`` protocol)
+and predicts with the mean softmax over as many samples at a fixed key, which is also how success is judged.
+
+    python -m experiments.autoattack --checkpoint=mnist_basic_cnn --eps=0.3 --version=rand --defence=epistemic
+
+Each attack runs only on the points still robust: the fooled ones are dropped between attacks (and the remaining
+ones attacked in chunks of at most --batch_size, split over all devices by ``robust_jax.runner.run_attack``).
+Example i draws its randomness from ``fold_in(fold_in(key, attack), i)`` (i = its position in the test split), so
+results do not depend on the chunking, on --batch_size or on resuming.
 
 After every chunk the state (per-attack robust masks, the adversarial examples found so far, timings) is written
 atomically to --out_dir/state.npz: a killed run started again with the same flags continues where it stopped
 (``--fresh`` discards the state). Writes results.json and results.md to --out_dir (default
-results/autoattack/<checkpoint>_<norm>_<eps>): clean accuracy, robust accuracy after each attack and final, seconds
+results/autoattack/<checkpoint>_<norm>_<eps>, then _<version> unless standard and _<defence> unless none): the
+defence and its EOT samples, clean accuracy, robust accuracy after each attack and final, seconds
 per attack, forward/backward passes (per attacked image, counted from the attacks' iterations: upper bounds, since a
 point keeps being computed after it is fooled inside a chunk; ``images_computed`` includes chunk padding) and the
 reference's warning flags. --options (JSON, e.g. '{"square": {"n_queries": 1000}}') overrides attack parameters:
@@ -49,7 +57,10 @@ flags.DEFINE_string("options", None, "JSON {attack: {param: value}} overriding t
                     allow_override=True)
 flags.DEFINE_integer("batch_size", 250, "chunk size (examples attacked at once, over all devices)", allow_override=True)
 flags.DEFINE_integer("seed", 0, "seed", allow_override=True)
-flags.DEFINE_integer("eot_samples", 20, "EOT samples for --version=rand", allow_override=True)
+flags.DEFINE_integer("eot_samples", 20, "EOT samples per attack step (and per prediction) of a randomised defence",
+                     allow_override=True)
+flags.DEFINE_string("defence", None, "none | epistemic (MC-dropout) | aleatoric (heteroscedastic checkpoint); default "
+                    "epistemic for --version=rand, else none", allow_override=True)
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)", allow_override=True)
 flags.DEFINE_string("out_dir", None, "output dir (default results/autoattack/<checkpoint>_<norm>_<eps>)",
                     allow_override=True)
@@ -77,10 +88,26 @@ def eps_label(text: str) -> str:
     return text.strip().replace("/", "_")
 
 
+def default_out_dir(checkpoint: str, norm: str, eps_arg: str, version: str, defence: str) -> str:
+    """``results/autoattack/<checkpoint>_<norm>_<eps>``, then ``_<version>`` unless standard and ``_<defence>``
+    unless none."""
+    name = f"{checkpoint}_{norm}_{eps_label(eps_arg)}"
+    name += "" if version == "standard" else f"_{version}"
+    name += "" if defence == "none" else f"_{defence}"
+    return f"results/autoattack/{name}"
+
+
+def defence_of(f) -> str:
+    """The --defence to use: as given, else ``epistemic`` for --version=rand and ``none`` otherwise."""
+    d = getattr(f, "defence", None)
+    return d if d else ("epistemic" if f.version == "rand" else "none")
+
+
 def check_flags(f) -> tuple[float, dict | None]:
     """Validate the command line before anything is loaded: (eps, options) or ValueError with a one-line reason."""
     from robust_jax import checkpoints
     from robust_jax.attacks.autoattack import ATTACKS, VERSIONS, protocol
+    from robust_jax.evaluate import DEFENCES
 
     if not f.checkpoint:
         raise ValueError(f"--checkpoint is required (available: {', '.join(checkpoints.available())})")
@@ -99,6 +126,18 @@ def check_flags(f) -> tuple[float, dict | None]:
         raise ValueError(f"--version=custom needs --attacks (from {', '.join(ATTACKS)})")
     if f.num_examples < 1 or f.batch_size < 1 or f.eot_samples < 1:
         raise ValueError("--num_examples, --batch_size and --eot_samples must be >= 1")
+    defence = defence_of(f)
+    if defence not in DEFENCES:
+        raise ValueError(f"--defence must be one of {DEFENCES}, got {defence!r}")
+    if f.version == "rand" and defence == "none":
+        raise ValueError("--version=rand attacks a randomised defence through EOT: use --defence=epistemic or "
+                         "aleatoric (a deterministic network: --version=standard)")
+    if defence != "none" and f.version in ("standard", "plus"):
+        raise ValueError(f"--defence={defence} is randomised: evaluate it with --version=rand (or custom), not "
+                         f"{f.version}")
+    if defence == "aleatoric" and not checkpoints.read_card(f.checkpoint)["architecture"].get("hetero"):
+        raise ValueError(f"--defence=aleatoric needs a heteroscedastic checkpoint (e.g. *_hetero); "
+                         f"{f.checkpoint} is not one")
     options = None
     if f.options:
         try:
@@ -170,21 +209,35 @@ def _attack_fn(logits_builder, name, params, key, norm, eps):
     return attack
 
 
+def defence_builder(kind: str, model, eot_samples: int):
+    """``variables -> logits_fn`` that AutoAttack attacks: the network itself for ``kind="none"``, else the
+    randomised defence (``robust_jax.evaluate.Defence``: ``epistemic`` MC-dropout or ``aleatoric`` logit draws) as
+    an :class:`EOT` over `eot_samples` samples (its ``adaptive`` protocol)."""
+    import functools
+
+    from robust_jax.evaluate import Defence
+
+    if kind == "none":
+        return lambda v: functools.partial(model.apply, v)
+    return Defence(kind, model, eot_samples=eot_samples).attacked("adaptive")
+
+
 def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, version: str = "standard",
              attacks_to_run=None, options=None, batch_size: int = 250, out_dir=None, config: dict | None = None,
-             eot_samples: int = 20, progress: bool = True) -> dict:
+             progress: bool = True) -> dict:
     """AutoAttack over all of (x, y) on the host, dropping fooled points between attacks.
 
     ``logits_builder(variables) -> logits_fn`` (called under jit with traced variables; an :class:`EOT` for
-    ``version="rand"``). With `out_dir` the state is saved after every chunk and resumed from (it must have been
-    written with the same `config`). Returns the results dict (see the module docstring) plus ``"x_adv"`` and the
-    per-attack robust masks (numpy)."""
+    ``version="rand"``, whose samples are recorded as ``eot_samples``; see :func:`defence_builder`). With `out_dir`
+    the state is saved after every chunk and resumed from (it must have been written with the same `config`).
+    Returns the results dict (see the module docstring) plus ``"x_adv"`` and the per-attack robust masks (numpy)."""
     import jax
     import jax.numpy as jnp
 
     from robust_jax import runner, sharding
-    from robust_jax.attacks._core import predict
+    from robust_jax.attacks._core import EOT, predict
     from robust_jax.attacks.autoattack import checks, passes, protocol, square_flag
+    from robust_jax.attacks.diagnostics import is_stochastic
     from robust_jax.models import logits_of
 
     tqdm = __import__("tqdm.auto", fromlist=["tqdm"]).tqdm
@@ -193,7 +246,10 @@ def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, ver
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
     n = len(x)
     config = {**(config or {}), "norm": norm, "eps": eps, "version": version, "attacks": names,
-              "params": dict(spec), "num_examples": n, "eot_samples": eot_samples}
+              "params": dict(spec), "num_examples": n}
+    model = logits_builder(variables)  # a randomised defence is an EOT: its samples per step and per prediction
+    eot_samples = model.num_samples if isinstance(model, EOT) else None
+    config["eot_samples"] = eot_samples
     config = json.loads(json.dumps(config))
     out = Path(out_dir) if out_dir is not None else None
     saved = _load_state(out) if out is not None else None
@@ -207,10 +263,13 @@ def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, ver
 
     if saved is None:
         t0 = time.time()
-        f0 = logits_builder(variables)
+        f0 = model
         sample = slice(0, min(n, batch_size))
         flags_ = checks(f0, x[sample], y[sample], version=version, attacks=names,
                         n_target_classes=max([p.get("n_target_classes", 0) for _, p in spec] + [0]))
+        if isinstance(f0, EOT) and not is_stochastic(jax.jit(f0.fn), x[sample]):
+            flags_.append("the randomised defence's samples do not differ (a model without dropout?): EOT averages "
+                          "identical passes")
         clean = np.asarray(sharding.run_sharded(lambda xb: pred(replicated, xb), x, batch_size=batch_size)) == y
         arrays = {"x_adv": x.copy(), "robust": clean.copy(), "clean": clean}
         meta = {"config": config, "flags": flags_, "clean_seconds": time.time() - t0,
@@ -285,7 +344,7 @@ def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, ver
     n_cls = meta["n_classes"]
     per_pass = {}
     for a, p in spec:
-        per = passes(a, p, n_cls, eot_samples if version == "rand" else 1)
+        per = passes(a, p, n_cls, eot_samples or 1)
         st = meta["attacks"][a]
         per_pass[a] = {"per_image": per, "images_attacked": st["attacked"], "images_computed": st["computed"],
                        "forward": per["forward"] * st["attacked"], "backward": per["backward"] * st["attacked"]}
@@ -297,10 +356,21 @@ def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, ver
             "x_adv": arrays["x_adv"], "robust": {k: arrays[f"after/{k}"] for k in names} | {"clean": arrays["clean"]}}
 
 
+def _defence_text(res: dict) -> str:
+    d, s = res.get("defence", "none"), res.get("eot_samples")
+    what = {"none": "none (the network's own logits)", "epistemic": "MC-dropout (epistemic)",
+            "aleatoric": "heteroscedastic logit draws (aleatoric)"}.get(d, d)
+    if not s:
+        return what
+    return (f"{what}; attacked through EOT over {s} samples per gradient step, predicting with the mean softmax "
+            f"over {s} samples at a fixed key")
+
+
 def markdown(res: dict) -> str:
     lines = [f"# AutoAttack ({res['version']}) on `{res['checkpoint']}`", "",
              f"{res['norm']} eps = {res['eps_arg']} ({res['eps']:.6g}), first {res['num_examples']} test images of "
              f"{res['dataset']}, seed {res['seed']}, {res['devices']} device(s), CPU: {res['cpu']}", "",
+             f"Defence: {_defence_text(res)}", "",
              "| stage | robust accuracy | seconds | forward / backward passes per attacked image | images attacked |",
              "|---|---|---|---|---|",
              f"| clean | {100 * res['clean_accuracy']:.2f}% | {res['seconds']['clean_and_checks']:.1f} | | |"]
@@ -322,12 +392,9 @@ def main(argv):
         print(f"autoattack: error: {e}", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)
-    import functools
-
     import jax
 
-    from robust_jax import checkpoints, data, uncertainty
-    from robust_jax.attacks._core import eot
+    from robust_jax import checkpoints, data
 
     eps_arg = FLAGS.eps if FLAGS.eps is not None else ("8/255" if FLAGS.norm == "linf" else "0.5")
     m = checkpoints.load(FLAGS.checkpoint)
@@ -335,21 +402,19 @@ def main(argv):
     split = data.head(ds, data.splits(ds)["test"], FLAGS.num_examples)
     x, y = data.load(ds, split, data_dir=FLAGS.data_dir)
     x = data.to_float(x)
-    if FLAGS.version == "rand":
-        builder = lambda v: eot(uncertainty.mc_dropout_logits_fn(m.apply, v), FLAGS.eot_samples)  # noqa: E731
-    else:
-        builder = lambda v: functools.partial(m.apply, v)  # noqa: E731
-    out = Path(FLAGS.out_dir or f"results/autoattack/{FLAGS.checkpoint}_{FLAGS.norm}_{eps_label(eps_arg)}")
+    defence = defence_of(FLAGS)
+    builder = defence_builder(defence, m, FLAGS.eot_samples)
+    out = Path(FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.norm, eps_arg, FLAGS.version, defence))
     if FLAGS.fresh and (out / STATE).is_file():
         (out / STATE).unlink()
     config = {"checkpoint": FLAGS.checkpoint, "dataset": ds, "split": split, "seed": FLAGS.seed, "eps_arg": eps_arg,
-              "options": options}
+              "options": options, "defence": defence}
     print(f"autoattack: {FLAGS.checkpoint} on {ds} {split}, {FLAGS.norm} eps={eps_arg}, version={FLAGS.version}, "
-          f"devices={jax.device_count()}, out_dir={out}")
+          f"defence={defence}" + (f" (EOT over {FLAGS.eot_samples} samples)" if defence != "none" else "")
+          + f", devices={jax.device_count()}, out_dir={out}")
     res = evaluate(builder, m.variables, x, y, key=jax.random.PRNGKey(FLAGS.seed), norm=FLAGS.norm, eps=eps,
                    version=FLAGS.version, attacks_to_run=FLAGS.attacks, options=options,
-                   batch_size=FLAGS.batch_size, out_dir=out, config=config, eot_samples=FLAGS.eot_samples,
-                   progress=FLAGS.progress)
+                   batch_size=FLAGS.batch_size, out_dir=out, config=config, progress=FLAGS.progress)
     res.pop("x_adv")
     res.pop("robust")
     res["cpu"] = cpu_model()
