@@ -96,8 +96,11 @@ def main(argv):
                 try:
                     p = sweep.plan(i, c, devices)
                     state = "done" if sweep.read_cell(out, p) else "todo"
+                    d = p.config.get("defence")
+                    defended = (f" defence={d['kind']} protocol={d['protocol']} T={d['mc_samples']} "
+                                f"S={d['eot_samples']}" if d else "")
                     print(f"{i:3d} {p.key} {state} {c.checkpoint} {c.attack} {p.budget}={list(c.values)} "
-                          f"{p.base}[{p.start}:{p.stop}] seed={c.seed} batch={p.batch}")
+                          f"{p.base}[{p.start}:{p.stop}] seed={c.seed} batch={p.batch}{defended}")
                 except Exception as e:  # noqa: BLE001
                     print(f"{i:3d} unresolvable: {c.checkpoint} {c.attack}: {e}")
         return

@@ -12,10 +12,10 @@ processes (:func:`robust_jax.sharding.global_mesh`); every process loads only th
 (:func:`robust_jax.sharding.process_rows`) and the global batch is assembled with
 ``jax.make_array_from_process_local_data``; results are all-gathered and process 0 alone writes files.
 
-**Compilation**: one executable per (architecture, attack + parameters, number of budget values, batch shape, mesh),
-compiled ahead of time with the weights, the budget values, the data and the seed as *arguments*: every checkpoint
-of one architecture and every set of budget values of one length reuse it. ``summary["compiles"]`` counts these
-executables and every XLA backend compilation of the run (small helpers included).
+**Compilation**: one executable per (architecture, attack + parameters, number of budget values, batch shape, mesh,
+defence), compiled ahead of time with the weights, the budget values, the data and the seed as *arguments*: every
+checkpoint of one architecture and every set of budget values of one length reuse it. ``summary["compiles"]`` counts
+these executables and every XLA backend compilation of the run (small helpers included).
 
 **Resumption**: each finished cell is written atomically (temporary file + ``os.replace``) as
 ``<out>/cells/<key>.json``; the key is a SHA-256 of the cell's full configuration: checkpoint name, architecture and
@@ -32,6 +32,17 @@ is the same: choose a ``batch_size`` divisible by every device count you use (th
 Attacks (:data:`ATTACKS`; :func:`register_attack` adds one): ``fgsm`` and ``pgd`` sweep ``eps``; ``le_pgd`` sweeps
 ``lam`` at a fixed ``eps``; ``autoattack`` is the hook for :func:`robust_jax.attacks.autoattack` (``eps`` swept with
 ``attacks.sweep``, a vmap; per-example keys from the dataset positions).
+
+**Defended cells** (the uncertainty study's grid): a cell with ``defence`` set (one of
+:data:`robust_jax.evaluate.DEFENCES`: ``"none"``, ``"epistemic"`` = MC-dropout, ``"aleatoric"`` = heteroscedastic head)
+attacks the :class:`robust_jax.evaluate.Defence` of its checkpoint under ``protocol`` (one of
+:data:`robust_jax.evaluate.PROTOCOLS`: the original study's one stochastic pass per gradient step, or the adaptive EOT
+over ``eot_samples`` draws), ``Defence.attacked(protocol)`` being what the attack differentiates, and scores clean and
+attacked inputs with the *defended* prediction: the argmax of the mean softmax over ``mc_samples`` dropout masks /
+logit draws (``Defence.probs``), drawn with :func:`prediction_key` of the batch key — the same draws for the clean
+input and every budget value. The attack gets the batch key itself, as in a plain cell. Defence, protocol, and both
+sample counts are part of the key and of the executable; a cell without ``defence`` is the plain network, as before
+(its key is unchanged).
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import robust_jax
-from robust_jax import attacks, checkpoints, models, sharding
+from robust_jax import attacks, checkpoints, evaluate, models, sharding
 from robust_jax import data as data_lib
 
 FORMAT = 1  # version of the cell-file format and of the key's contents (part of every key)
@@ -129,7 +140,11 @@ class Cell:
     """One unit of work and of resumption: `attack` (a key of :data:`ATTACKS`) with `params` on checkpoint
     `checkpoint`, at every budget value of `values`, on the first `n` examples of `split` of the checkpoint's
     dataset, in global batches of `batch_size`, keys from `seed`. `group` / `label`: the figure and the line the
-    cell's points go to (defaults: ``<dataset>_<attack>`` and the checkpoint name)."""
+    cell's points go to (defaults: ``<dataset>_<attack>`` and the checkpoint name, plus the defence).
+
+    `defence` (one of :data:`robust_jax.evaluate.DEFENCES`; empty: the plain network) attacks the checkpoint's
+    :class:`robust_jax.evaluate.Defence` with `mc_samples` draws per defended prediction, under `protocol` (one of
+    :data:`robust_jax.evaluate.PROTOCOLS`, required with a defence) with `eot_samples` draws per adaptive step."""
 
     checkpoint: str
     attack: str
@@ -141,6 +156,10 @@ class Cell:
     batch_size: int = 256
     group: str = ""
     label: str = ""
+    defence: str = ""
+    protocol: str = ""
+    mc_samples: int = evaluate.Defence.__dataclass_fields__["mc_samples"].default
+    eot_samples: int = evaluate.Defence.__dataclass_fields__["eot_samples"].default
 
     def __post_init__(self):
         object.__setattr__(self, "values", tuple(float(v) for v in np.atleast_1d(np.asarray(self.values, float))))
@@ -149,6 +168,10 @@ class Cell:
             raise ValueError(f"cell {self.checkpoint}/{self.attack}: no budget values")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError(f"cell {self.checkpoint}/{self.attack}: need n >= 1 and batch_size >= 1")
+        if self.protocol and not self.defence:
+            raise ValueError(f"cell {self.checkpoint}/{self.attack}: protocol {self.protocol!r} without a defence")
+        if self.mc_samples < 1 or self.eot_samples < 1:
+            raise ValueError(f"cell {self.checkpoint}/{self.attack}: need mc_samples >= 1 and eot_samples >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +254,7 @@ def plan(index: int, cell: Cell, devices: int) -> Plan:
     base, start, stop = _data_range(dataset, cell.split, cell.n)
     params = {**spec.defaults, **cell.params}
     batch = effective_batch(cell.batch_size, stop - start, devices)
+    defence = _defence_config(cell, card)
     config = {
         "format": FORMAT,
         "checkpoint": cell.checkpoint,
@@ -246,8 +270,40 @@ def plan(index: int, cell: Cell, devices: int) -> Plan:
         "robust_jax": robust_jax.__version__,
         "jax": jax.__version__,
     }
+    if defence is not None:  # only in defended cells: a plain cell keeps the key it always had
+        config["defence"] = defence
     key = hashlib.sha256(canonical(config).encode()).hexdigest()[:24]
     return Plan(index, cell, key, config, dataset, base, start, stop, batch, params, spec.budget)
+
+
+def _defence_config(cell: Cell, card: dict) -> dict | None:
+    """The defence part of a cell's configuration (None for a plain cell); raises for an unknown defence or
+    protocol, or the aleatoric defence on a checkpoint without a heteroscedastic head."""
+    if not cell.defence:
+        return None
+    if cell.defence not in evaluate.DEFENCES:
+        raise ValueError(f"unknown defence {cell.defence!r}; known: {list(evaluate.DEFENCES)}")
+    if cell.protocol not in evaluate.PROTOCOLS:
+        raise ValueError(f"defence {cell.defence!r} needs a protocol, one of {list(evaluate.PROTOCOLS)}; got "
+                         f"{cell.protocol!r}")
+    if cell.defence == "aleatoric" and not card["architecture"].get("hetero"):
+        raise ValueError(f"the aleatoric defence needs a heteroscedastic checkpoint; {cell.checkpoint} is not one")
+    return {"kind": cell.defence, "protocol": cell.protocol, "mc_samples": int(cell.mc_samples),
+            "eot_samples": int(cell.eot_samples)}
+
+
+def batch_key(seed: int, b: int) -> jax.Array:
+    """The PRNG key of batch `b` of a cell with `seed` (the attack's key)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), b)
+
+
+PREDICTION_STREAM = 1
+"""Defended cells draw their prediction's dropout masks / logit noise from ``fold_in(batch key, PREDICTION_STREAM)``."""
+
+
+def prediction_key(key: jax.Array) -> jax.Array:
+    """The key of a defended cell's prediction (clean and every budget value) in the batch with key `key`."""
+    return jax.random.fold_in(key, PREDICTION_STREAM)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -388,25 +444,42 @@ class Runner:
             out.append((x, y, idx))
         return out
 
-    # -- compilation: one executable per (architecture, attack + params, #values, batch shape, mesh)
-    def executable(self, p: Plan, model, variables) -> tuple[_Compiled, bool]:
+    # -- compilation: one executable per (architecture, attack + params, #values, batch shape, mesh, defence)
+    def executable(self, p: Plan, classifier, variables) -> tuple[_Compiled, bool]:
+        """`classifier`: the loaded :class:`robust_jax.checkpoints.Classifier` (its module and card; the weights
+        are an argument of the executable)."""
         shape = tuple(data_lib.info(p.dataset).image_shape)
+        defence = p.config.get("defence")
         desc = canonical({"architecture": p.config["architecture"], "attack": p.cell.attack, "params": p.params,
                           "values": len(p.cell.values), "batch": [p.batch, *shape],
-                          "mesh": [d.id for d in self.mesh.devices.flat]})
+                          "mesh": [d.id for d in self.mesh.devices.flat],
+                          **({"defence": defence} if defence else {})})
         ck = hashlib.sha256(desc.encode()).hexdigest()[:16]
         if ck in self.compiled:
             return self.compiled[ck], False
-        spec, params = ATTACKS[p.cell.attack], dict(p.params)
+        spec, params, model = ATTACKS[p.cell.attack], dict(p.params), classifier.model
 
-        def cell_fn(variables, x8, y, idx, seed_chunk, values):
+        def plain_fn(variables, x8, y, idx, seed_chunk, values):
             x = x8.astype(jnp.float32) / 255.0
             logits_fn = lambda z: models.logits_of(model.apply(variables, z))
-            key = jax.random.fold_in(jax.random.PRNGKey(seed_chunk[0]), seed_chunk[1])
+            key = batch_key(seed_chunk[0], seed_chunk[1])
             clean = jnp.argmax(logits_fn(x), -1) == y
             x_adv = spec.fn(logits_fn, x, y, key=key, values=values, indices=idx, **params)
             robust = jax.vmap(lambda xa: jnp.argmax(logits_fn(xa), -1) == y)(x_adv)
             return clean, robust
+
+        def defended_fn(variables, x8, y, idx, seed_chunk, values):
+            d = evaluate.Defence(defence["kind"], classifier, defence["mc_samples"], defence["eot_samples"])
+            x = x8.astype(jnp.float32) / 255.0
+            key = batch_key(seed_chunk[0], seed_chunk[1])
+            k_pred = prediction_key(key)  # the same draws for the clean input and every budget value
+            correct = lambda z: jnp.argmax(d.probs(variables, z, k_pred)[0].mean(0), -1) == y
+            x_adv = spec.fn(d.attacked(defence["protocol"])(variables), x, y, key=key, values=values, indices=idx,
+                            **params)
+            # one budget value at a time: mc_samples x batch forward passes in memory, not x len(values) as well
+            return correct(x), jax.lax.map(correct, x_adv)
+
+        cell_fn = defended_fn if defence else plain_fn
 
         rep, rows = self.rep, self.rows
         jitted = jax.jit(cell_fn, in_shardings=(rep, rows, rows, rows, rep, rep), out_shardings=(rows, self.rows2))
@@ -427,7 +500,7 @@ class Runner:
         try:  # everything that could fail on one process only happens before the first collective call
             m, variables = self.model(p.cell.checkpoint)
             batches = self.local_batches(p)
-            exe, fresh = self.executable(p, m.model, variables)
+            exe, fresh = self.executable(p, m, variables)
             prepared = (variables, batches, exe, fresh)
         except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
             ok, err = False, _error(e)
@@ -473,27 +546,33 @@ def _error(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------ the table
 COLUMNS = ("sweep", "cell", "group", "label", "key", "checkpoint", "architecture", "dataset", "data", "attack",
-           "params", "budget", "value", "seed", "batch_size", "n", "clean_correct", "clean_accuracy",
-           "robust_correct", "robust_accuracy", "ci_low", "ci_high", "seconds", "compile_seconds", "devices",
-           "processes", "status")
+           "defence", "protocol", "mc_samples", "eot_samples", "params", "budget", "value", "seed", "batch_size", "n",
+           "clean_correct", "clean_accuracy", "robust_correct", "robust_accuracy", "ci_low", "ci_high", "seconds",
+           "compile_seconds", "devices", "processes", "status")
 # Columns that describe how and when a cell ran, not what it computed (they differ between equal runs).
 RUN_COLUMNS = ("seconds", "compile_seconds", "devices", "processes", "status")
 
 
 def rows_of(sweep_name: str, p: Plan, rec: dict, status: str) -> list[dict]:
+    """The table rows of a finished cell, one per budget value. Columns `defence`, `protocol`, `mc_samples` and
+    `eot_samples` are empty for a plain cell (the network's own prediction, attacked directly)."""
     res, cfg = rec["result"], rec["config"]
     d = cfg["data"]
     arch = cfg["architecture"]
     n = res["n"]
+    defence = cfg.get("defence") or {}
+    label = p.cell.checkpoint + (f" {defence['kind']} ({defence['protocol']})" if defence else "")
     out = []
     for v, k in zip(cfg["values"], res["robust_correct"]):
         lo, hi = wilson(k, n)
         out.append({
             "sweep": sweep_name, "cell": p.index, "group": p.cell.group or f"{p.dataset}_{p.cell.attack}",
-            "label": p.cell.label or p.cell.checkpoint, "key": p.key, "checkpoint": cfg["checkpoint"],
+            "label": p.cell.label or label, "key": p.key, "checkpoint": cfg["checkpoint"],
             "architecture": arch.get("name", "") + (f"/{arch['width']}" if "width" in arch else "")
             + ("+hetero" if arch.get("hetero") else ""),
             "dataset": d["dataset"], "data": f"{d['split']}[{d['start']}:{d['stop']}]", "attack": cfg["attack"],
+            "defence": defence.get("kind", ""), "protocol": defence.get("protocol", ""),
+            "mc_samples": defence.get("mc_samples"), "eot_samples": defence.get("eot_samples"),
             "params": canonical(cfg["params"]), "budget": cfg["budget"], "value": v, "seed": cfg["seed"],
             "batch_size": cfg["batch_size"], "n": n, "clean_correct": res["clean_correct"],
             "clean_accuracy": res["clean_correct"] / n, "robust_correct": k, "robust_accuracy": k / n,
@@ -554,13 +633,18 @@ def figures(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_xlabel("eps (Linf, ×1/255)" if scale == 255 else "eps (Linf, pixels in [0, 1])")
         attacks_ = sorted({r["attack"] for r in rs})
         ns = sorted({r["n"] for r in rs})
-        ax.set_ylabel("robust accuracy (%)")
+        defended = [r for r in rs if r.get("defence")]
+        ax.set_ylabel("accuracy of the defended prediction (%)" if defended else "robust accuracy (%)")
         ax.set_ylim(-2, 102)
         params = json.loads(rs[0]["params"])
         detail = [f"{params['steps']} steps"] if "steps" in params else []
         if "eps" in params:
             detail.append(f"eps {params['eps'] * 255:.3g}/255" if scale == 255 or dataset != "mnist"
                           else f"eps {params['eps']:.3g}")
+        for name, col in (("T", "mc_samples"), ("EOT S", "eot_samples")):
+            counts = sorted({r[col] for r in defended})
+            if counts:
+                detail.append(f"{name}={'/'.join(map(str, counts))}")
         ax.set_title(f"{group}: {', '.join(attacks_)}{' (' + ', '.join(detail) + ')' if detail else ''} on {dataset}, "
                      f"N={'/'.join(map(str, ns))} (bands: Wilson 95%)", fontsize=9)
         ax.grid(alpha=0.3)
@@ -632,7 +716,9 @@ def run(sweep: Sweep, out_dir, *, runner: Runner | None = None, data_dir=None, p
         outer = tqdm(total=len(todo), desc="cells", unit="cell", disable=not runner.progress, position=0,
                      dynamic_ncols=True)
         for p in todo:
-            desc = f"{p.cell.checkpoint} {p.cell.attack} {p.budget}×{len(p.cell.values)}"
+            defence = p.config.get("defence")
+            desc = (f"{p.cell.checkpoint} {p.cell.attack} {p.budget}×{len(p.cell.values)}"
+                    + (f" {defence['kind']}/{defence['protocol']}" if defence else ""))
             inner = tqdm(total=p.n, desc=desc[:60], unit="img", disable=not runner.progress, position=1,
                          leave=False, dynamic_ncols=True)
             try:
