@@ -4,7 +4,7 @@ mnist_basic_cnn_hetero (the aleatoric defence), eps 0…0.3, the first 1000 test
 
     python -m experiments.sweep --config=uncertainty_fgsm
 
-The study's MC-dropout and EOT protocols are not part of this subset.
+The study's defences (MC-dropout, the heteroscedastic prediction) and its EOT protocol: ``uncertainty_grid``.
 """
 
 from robust_jax.sweep import Cell, Sweep
