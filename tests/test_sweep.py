@@ -1,9 +1,10 @@
 """Batch sweeps (robust_jax/sweep.py, experiments/sweep.py): keys, resumption, device / process invariance.
 
-The slow tests run the tiny sweep of tests/sweep_tiny.py (MNIST BasicCNN checkpoints, N=32, batches of 16) as
-subprocesses: one process with one device (the reference), one process with 4 forced host devices, two processes
-with 2 forced host devices each joined by ``jax.distributed`` on 127.0.0.1 (a real multi-controller run), and a run
-killed with SIGKILL and resumed.
+The slow tests run the tiny sweep of tests/sweep_tiny.py (MNIST BasicCNN checkpoints, N=32, batches of 16; two of
+its cells attack a defence: MC-dropout with EOT, the heteroscedastic head) as subprocesses: one process with one
+device (the reference), one process with 4 forced host devices, two processes with 2 forced host devices each joined
+by ``jax.distributed`` on 127.0.0.1 (a real multi-controller run), and a run killed with SIGKILL and resumed. Defended
+cells are also checked against the Defence and the attack called directly on the same images and keys.
 """
 
 import csv
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robust_jax import sharding, sweep
+from robust_jax import evaluate, sharding, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("sweep_tiny.py")
-TINY_CELLS = 5
+TINY_CELLS = 7
+ONE_PASS, ADAPTIVE = evaluate.PROTOCOLS  # the original study's protocol and EOT (never spelled here: names may change)
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
@@ -133,6 +135,30 @@ def test_key_follows_checkpoint_content(tmp_path, monkeypatch, needs_tiny):
     assert sweep.plan(0, cell, 1).key != original
 
 
+def test_defence_is_part_of_the_key(needs_tiny):
+    import dataclasses
+
+    plain = sweep.Cell("mnist_basic_cnn", "fgsm", [0.1, 0.3], n=32, batch_size=16)
+    assert "defence" not in sweep.plan(0, plain, 1).config  # plain cells keep their keys (committed results stay valid)
+    base = dataclasses.replace(plain, defence="epistemic", protocol=ADAPTIVE, mc_samples=4, eot_samples=2)
+    p = sweep.plan(0, base, 1)
+    assert p.config["defence"] == {"kind": "epistemic", "protocol": ADAPTIVE, "mc_samples": 4, "eot_samples": 2}
+    variants = [dict(defence="none"), dict(protocol=ONE_PASS), dict(mc_samples=5), dict(eot_samples=3),
+                dict(defence="aleatoric", checkpoint="mnist_basic_cnn_hetero"), dict(seed=1)]
+    keys = {sweep.plan(0, dataclasses.replace(base, **v), 1).key for v in variants}
+    assert len(keys) == len(variants) and not keys & {p.key, sweep.plan(0, plain, 1).key}
+    assert sweep.plan(0, dataclasses.replace(base, label="x", group="y"), 1).key == p.key  # presentation only
+    # unresolvable: unknown defence or protocol, no protocol, the aleatoric defence without a heteroscedastic head
+    for bad, match in [(dict(defence="bayes"), "unknown defence"), (dict(protocol="deck2"), "protocol"),
+                       (dict(protocol=""), "protocol"), (dict(defence="aleatoric"), "heteroscedastic")]:
+        with pytest.raises(ValueError, match=match):
+            sweep.plan(0, dataclasses.replace(base, **bad), 1)
+    with pytest.raises(ValueError, match="without a defence"):
+        dataclasses.replace(plain, protocol=ADAPTIVE)
+    with pytest.raises(ValueError, match="mc_samples"):
+        dataclasses.replace(base, mc_samples=0)
+
+
 def test_finished_cells_are_reused_only_with_the_same_config(tmp_path, needs_tiny):
     p = sweep.plan(0, sweep.Cell("mnist_basic_cnn", "fgsm", [0.1], n=16), 1)
     f = tmp_path / "cells" / f"{p.key}.json"
@@ -192,7 +218,8 @@ def test_shipped_configs_resolve(needs_tiny):
     from robust_jax import checkpoints
 
     configs = {p.stem: load_config(p.stem) for p in SWEEPS_DIR.glob("*.py") if p.stem != "__init__"}
-    assert {"cifar10_robustness_curve", "cifar10_autoattack", "energy_lambda", "uncertainty_fgsm"} <= set(configs)
+    assert {"cifar10_robustness_curve", "cifar10_autoattack", "energy_lambda", "uncertainty_fgsm",
+            "uncertainty_grid"} <= set(configs)
     cifar = [c for c in checkpoints.available() if checkpoints.read_card(c)["dataset"] == "cifar10"]
     curve = configs["cifar10_robustness_curve"]
     assert sorted(c.checkpoint for c in curve.cells) == sorted(cifar)
@@ -201,6 +228,22 @@ def test_shipped_configs_resolve(needs_tiny):
     assert lam.checkpoint == "cifar10_resnet10" and lam.values == (0.1, 0.3, 1.0, 3.0, 10.0)
     assert lam.params["eps"] == 8 / 255
     assert {c.checkpoint for c in configs["uncertainty_fgsm"].cells} == {"mnist_basic_cnn", "mnist_basic_cnn_hetero"}
+    # the uncertainty study's grid: its checkpoints per defence, every defence x protocol x attack on both datasets
+    import ast
+
+    study = ast.parse((ROOT / "experiments" / "uncertainty_robustness.py").read_text())
+    (picks,) = [ast.literal_eval(n.value) for n in study.body if isinstance(n, ast.Assign)
+                and [getattr(t, "id", None) for t in n.targets] == ["CHECKPOINTS"]]
+    grid = configs["uncertainty_grid"].cells
+    seen = {}
+    for c in grid:
+        ds = checkpoints.read_card(c.checkpoint)["dataset"]
+        assert picks[ds][c.defence] == c.checkpoint
+        assert c.split == "test[150:]" and c.seed == 0 and c.mc_samples == 20 and c.eot_samples == 8
+        seen.setdefault((ds, c.attack, c.defence), set()).add(c.protocol)
+    assert set(seen) == {(ds, a, d) for ds in picks for a in ("fgsm", "pgd") for d in evaluate.DEFENCES}
+    for (_, _, d), protocols in seen.items():  # the deterministic network: one cell (its protocols are one attack)
+        assert protocols == ({ONE_PASS} if d == "none" else set(evaluate.PROTOCOLS))
     for s in configs.values():
         keys = [sweep.plan(i, c, 4).key for i, c in enumerate(s.cells)]
         assert len(set(keys)) == len(keys)
@@ -210,19 +253,25 @@ def test_shipped_configs_resolve(needs_tiny):
 @pytest.mark.slow
 def test_reference_run_outputs(reference):
     out, summary = reference
-    assert summary["ran"] == list(range(TINY_CELLS)) and not summary["failed"] and not summary["reused"]
-    # one executable per (architecture, attack, number of eps values): PGD x2 eps (cells 0, 1), PGD x1 (2, 3), FGSM
-    assert summary["compiles"]["executables_compiled_this_run"] == 3
+    assert sorted(summary["ran"]) == list(range(TINY_CELLS)) and not summary["failed"] and not summary["reused"]
+    # one executable per (architecture, attack, number of eps values, defence): PGD x2 eps (cells 0, 1), PGD x1
+    # (2, 3), FGSM, and one per defended cell
+    assert summary["compiles"]["executables_compiled_this_run"] == 5
     assert summary["devices"] == 1 and summary["processes"] == 1
     assert summary["examples_loaded_per_process"] == [32]
     rows = _table(out)
-    assert len(rows) == 8 and all(r["n"] == 32 for r in rows)
+    assert len(rows) == 12 and all(r["n"] == 32 for r in rows)
     with open(out / "table.csv") as f:
-        assert len(list(csv.DictReader(f))) == 8
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 12
+    assert [(r["defence"], r["protocol"]) for r in csv_rows[-4:]] == [("epistemic", ADAPTIVE)] * 2 + [
+        ("aleatoric", ONE_PASS)] * 2
+    assert {(r["defence"], r["protocol"], r["mc_samples"]) for r in csv_rows[:8]} == {("", "", "")}
     for r in rows:
         assert 0 <= r["ci_low"] <= r["robust_accuracy"] <= r["ci_high"] <= 1
-        assert r["robust_accuracy"] <= r["clean_accuracy"] + 1e-12
-    for group in ("pgd", "pgd_single", "fgsm"):
+        if not r["defence"]:  # a deterministic prediction; a stochastic one may be right after an attack only
+            assert r["robust_accuracy"] <= r["clean_accuracy"] + 1e-12
+    for group in ("pgd", "pgd_single", "fgsm", "defended"):
         png = out / f"{group}.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -342,3 +391,72 @@ def test_autoattack_hook(tmp_path, needs_tiny):
     assert by[(0, 0.1)] == by[(1, 0.1)]
     assert by[(0, 0.3)] <= by[(0, 0.1)]
     assert np.all([r["robust_correct"] <= r["clean_correct"] for r in rows])
+
+
+@pytest.mark.slow
+def test_defended_cells_equal_direct_calls(tmp_path, needs_tiny):
+    """A defended cell is its Defence attacked and evaluated directly (``Defence.attacked(protocol)`` given to the
+    attack with the batch key, each eps on its own; the defended prediction ``Defence.probs`` with
+    ``sweep.prediction_key`` of it), per example, for every batch; another seed gives other draws and another result;
+    the deterministic network under either protocol is the plain cell."""
+    import dataclasses
+
+    import jax
+
+    from robust_jax import attacks, checkpoints, data
+
+    n, bs, eps, pgd = 16, 8, [0.1, 0.2], {"steps": 2, "rel_step_size": 0.25}
+    epistemic = sweep.Cell("mnist_basic_cnn", "pgd", eps, params=pgd, n=n, batch_size=bs, defence="epistemic",
+                           protocol=ADAPTIVE, mc_samples=3, eot_samples=2)
+    none = dataclasses.replace(epistemic, defence="none", protocol=ONE_PASS)
+    cells = [
+        epistemic,
+        dataclasses.replace(epistemic, seed=1),
+        dataclasses.replace(epistemic, attack="fgsm", params={}, protocol=ONE_PASS),
+        dataclasses.replace(epistemic, checkpoint="mnist_basic_cnn_hetero", attack="fgsm", params={},
+                            defence="aleatoric"),
+        dataclasses.replace(epistemic, checkpoint="mnist_basic_cnn_hetero", defence="aleatoric", protocol=ONE_PASS),
+        none,
+        dataclasses.replace(none, protocol=ADAPTIVE),
+        dataclasses.replace(none, defence="", protocol=""),  # the plain network
+    ]
+    summary = sweep.run(sweep.Sweep("defended", cells), tmp_path, progress=False, log=lambda m: None)
+    assert sorted(summary["ran"]) == list(range(len(cells))) and not summary["failed"]
+    rows = _table(tmp_path)
+    bits = {}
+    for r in rows:
+        rec = json.loads((tmp_path / "cells" / f"{r['key']}.json").read_text())["result"]
+        bits[r["cell"]] = (sweep.unbits(rec["clean_bits"], n), np.stack([sweep.unbits(h, n)
+                                                                          for h in rec["robust_bits"]]))
+    x8, y = data.load("mnist", f"test[0:{n}]", cache=False)
+    x = x8.astype(np.float32) / 255.0
+    models = {c: checkpoints.load(c) for c in ("mnist_basic_cnn", "mnist_basic_cnn_hetero")}
+
+    def direct(cell):
+        m = models[cell.checkpoint]
+        d = evaluate.Defence(cell.defence or "none", m, cell.mc_samples, cell.eot_samples)
+
+        @jax.jit
+        def batch(variables, xb, yb, key):
+            correct = lambda z: d.probs(variables, z, sweep.prediction_key(key))[0].mean(0).argmax(-1) == yb
+            logits_fn = d.attacked(cell.protocol or ONE_PASS)(variables)
+            adv = [attacks.fgsm(logits_fn, xb, yb, key=key, eps=e) if cell.attack == "fgsm" else
+                   attacks.pgd(logits_fn, xb, yb, key=key, eps=e, step_size=0.25 * e, steps=2) for e in cell.values]
+            return correct(xb), jax.numpy.stack([correct(a) for a in adv])
+
+        out = [batch(m.variables, x[b:b + bs], y[b:b + bs], sweep.batch_key(cell.seed, b // bs))
+               for b in range(0, n, bs)]
+        return np.concatenate([np.asarray(c) for c, _ in out]), np.concatenate([np.asarray(r) for _, r in out], 1)
+
+    for i, cell in enumerate(cells):
+        clean, robust = direct(cell)
+        assert np.array_equal(bits[i][0], clean), f"cell {i}: clean"
+        assert np.array_equal(bits[i][1], robust), f"cell {i}: robust"
+    # the keys are used: seed 1 draws other dropout masks (attack and prediction) and the result changes
+    assert not (np.array_equal(bits[0][0], bits[1][0]) and np.array_equal(bits[0][1], bits[1][1]))
+    for i in (6, 7):
+        assert np.array_equal(bits[i][0], bits[5][0]) and np.array_equal(bits[i][1], bits[5][1])
+    by = {(r["cell"], r["value"]): r for r in rows}
+    assert [(by[i, 0.1]["defence"], by[i, 0.1]["protocol"]) for i in (0, 3, 7)] == [
+        ("epistemic", ADAPTIVE), ("aleatoric", ADAPTIVE), ("", "")]
+    assert by[0, 0.1]["mc_samples"] == 3 and by[0, 0.1]["eot_samples"] == 2 and by[7, 0.1]["mc_samples"] is None
