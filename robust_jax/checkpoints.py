@@ -182,14 +182,17 @@ def _abstract_variables(model, image_shape):
 
 
 def load(name: str, *, conv_impl: str | None = None, use: str = "eval") -> Classifier:
-    """Load checkpoint `name`. The model uses the default ``conv_impl`` (or `conv_impl` if given; ``"auto"`` is
-    resolved for `use`, see ``models.choose_conv_impl``), whatever kernels it was trained with
-    (``hyperparameters.conv_impl`` in the card), so loading never needs e.g. oneDNN.
+    """Load checkpoint `name` for `use` (one of ``models.CONV_USES``). The model uses `conv_impl` if given
+    (``"auto"`` resolved for `use`, see ``models.choose_conv_impl``); otherwise the default ``conv_impl`` (f32
+    ``"custom_vjp"``) for ``use="eval"`` and ``"auto"`` for any other declared use; whatever kernels it was trained
+    with (``hyperparameters.conv_impl`` in the card), so loading for evaluation never needs e.g. oneDNN.
 
     Names are plain folder names of :func:`root` (ValueError otherwise); ``card.json`` is read as JSON data and
     validated; the variable files are checked against ``variables.sha256`` when the checkpoint has one. Problems
     raise FileNotFoundError (no such checkpoint) or CorruptCheckpointError naming the file, never an orbax traceback.
     """
+    if conv_impl is None and use != "eval":
+        conv_impl = "auto"
     if conv_impl is not None:  # an unknown name or use is the caller's error, not a corrupt card
         conv_impl = models.resolve_conv_impl(conv_impl, use)
     elif use not in models.CONV_USES:

@@ -16,9 +16,10 @@ work in pixel space. Call signature::
   ``"xla"`` is plain ``lax.conv_general_dilated`` (JAX's own transpose rules; needed for forward-mode autodiff,
   ``jax.jvp`` / ``jax.jacfwd``). ``"onednn"`` / ``"onednn_bf16"`` are opt-in oneDNN kernels on CPU (f32 /
   bf16 compute, f32 in and out; ``robust_jax.onednn``; they fall back to ``"custom_vjp"`` with a warning where
-  oneDNN cannot run). ``"auto"`` picks one of these per host and per use (:func:`choose_conv_impl`): pass the use
-  to :func:`create` (``create(config, use="attack")``; the model then records the concrete choice), to
-  ``checkpoints.load(..., use=...)`` or ``TrainConfig(conv_impl="auto")``; a module built directly with
+  oneDNN cannot run). ``"auto"`` picks one of these per host and per use (:func:`choose_conv_impl`): declare the
+  use to :func:`create` (``create(config, use="attack")``, which means ``"auto"`` unless the config names a
+  ``conv_impl``; the model then records the concrete choice), to ``checkpoints.load(..., use=...)`` /
+  ``Classifier.for_use(...)``, or set ``TrainConfig(conv_impl="auto")``; a module built directly with
   ``conv_impl="auto"`` resolves it for ``use="eval"``. Parameters, their names and the outputs (up to bf16
   rounding) are the same for all. A callable with the signature of ``lax.conv_general_dilated`` is used as given
   (benchmarks of other kernels).
@@ -288,13 +289,16 @@ ALIASES = {"basic_cnn": "BasicCNN", "allconv": "AllConvNet", "resnet10": "ResNet
 
 
 def create(config: dict[str, Any], *, use: str = "eval") -> nn.Module:
-    """Build a model from an architecture config such as ``{"name": "ResNet10", "width": 16}``. A ``conv_impl`` of
-    ``"auto"`` is resolved for `use` (:func:`choose_conv_impl`), so ``model.conv_impl`` names the kernels used."""
+    """Build a model from an architecture config such as ``{"name": "ResNet10", "width": 16}``, for `use` (one of
+    :data:`CONV_USES`). A ``conv_impl`` of ``"auto"`` is resolved for `use` (:func:`choose_conv_impl`), so
+    ``model.conv_impl`` names the kernels used. Without a ``conv_impl``, ``use="eval"`` (the default) keeps the
+    models' default (``"custom_vjp"``, f32) and any other declared use means ``"auto"``."""
     config = dict(config)
-    if "conv_impl" in config:
-        config["conv_impl"] = resolve_conv_impl(config["conv_impl"], use)
-    elif use not in CONV_USES:
-        raise ValueError(f"unknown use {use!r}; use one of {CONV_USES}")
+    impl = config.get("conv_impl", None if use == "eval" else "auto")
+    if impl is None:
+        resolve_conv_impl("custom_vjp", use)  # validates `use`
+    else:
+        config["conv_impl"] = resolve_conv_impl(impl, use)
     name = config.pop("name")
     name = ALIASES.get(name, name)
     if name not in MODELS:

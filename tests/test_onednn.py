@@ -422,6 +422,7 @@ def test_checkpoint_trained_with_onednn_loads_with_default(tmp_path, monkeypatch
     # "auto" resolved per use (oneDNN is off here: attacks get the f32 default), recorded as the concrete choice
     assert checkpoints.load("tiny", conv_impl="auto", use="forward_mode").model.conv_impl == "xla"
     assert checkpoints.load("tiny", conv_impl="auto", use="attack").model.conv_impl == "custom_vjp"
+    assert checkpoints.load("tiny", use="forward_mode").model.conv_impl == "xla"  # a declared use means "auto"
     assert m.for_use("forward_mode").model.conv_impl == "xla" and m.for_use("attack").card is m.card
     with pytest.raises(ValueError, match="unknown use"):  # the caller's error, not a corrupt checkpoint
         checkpoints.load("tiny", use="inference")
@@ -508,7 +509,9 @@ def test_auto_resolved_in_models_and_records_the_choice(monkeypatch):
     assert models.create(arch).conv_impl == "custom_vjp"  # use="eval" by default
     assert models.create(arch, use="attack").conv_impl == "onednn_bf16"
     assert models.create(arch, use="forward_mode").conv_impl == "xla"
-    assert models.create({"name": "BasicCNN"}, use="attack").conv_impl == "custom_vjp"  # no "auto": the default
+    assert models.create({"name": "BasicCNN"}).conv_impl == "custom_vjp"  # no conv_impl, eval: the f32 default
+    assert models.create({"name": "BasicCNN"}, use="attack").conv_impl == "onednn_bf16"  # a declared use: "auto"
+    assert models.create({"name": "BasicCNN", "conv_impl": "xla"}, use="attack").conv_impl == "xla"  # as named
     with pytest.raises(ValueError, match="unknown use"):
         models.create({"name": "BasicCNN"}, use="inference")
     assert models.resolve_conv("auto") is models.resolve_conv("custom_vjp")  # a module built with "auto" directly
