@@ -3,11 +3,11 @@
     python -m experiments.uncertainty_robustness --dataset=mnist      # BasicCNN: fgsm, cw_l2, jsma, blackbox
     python -m experiments.uncertainty_robustness --dataset=cifar10    # AllConvNet: fgsm
 
-The defaults are sized so the MNIST run finishes within 15 minutes on 2 CPU cores (the committed run: 9.5 min on a
-quiet 2-core host, benchmarks/README.md; FGSM and black-box on 500 test images, CW-L2 and JSMA on the first 50, CW
+The defaults are sized so the MNIST run finishes within 15 minutes on 2 CPU cores (9.5 min on a quiet 2-core host,
+benchmarks/README.md; FGSM and black-box on 500 test images, CW-L2 and JSMA on the first 50, CW
 with 3 binary-search steps of 100 Adam steps: it fools 100% of the undefended network's correctly classified images,
 where 3 x 50 steps fooled 96%).
-``results/uncertainty_robustness/mnist`` is this default run;
+``results/uncertainty_robustness/mnist`` is this default run (re-run on a loaded host, hence its longer run time);
 ``results/uncertainty_robustness/mnist_reference`` (earlier attack code) was run with
 ``--num_examples_slow=100 --cw_steps=100 --cw_binary_search_steps=5``.
 
