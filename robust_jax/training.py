@@ -594,6 +594,11 @@ def train(
     eval_model = models.create({**config.architecture, "conv_impl": config.conv_impl}, use="eval")
     if config.conv_impl == "auto":
         log(f"conv_impl=auto: training with {model.conv_impl!r}, validating with {eval_model.conv_impl!r}")
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if model.conv_impl.startswith("onednn") and load > cores and not os.environ.get("ROBUST_JAX_ONEDNN_THREADS"):
+            log(f"note: load average {load:.1f} on {cores} cores: on a shared machine oneDNN's bf16 weight gradients "
+                f"can be many times slower with a thread team per call; set ROBUST_JAX_ONEDNN_THREADS=1 there "
+                f"(benchmarks/README.md)")
     tx = make_optimizer(config.optimizer, config.lr, total_steps=total_steps, schedule=config.schedule,
                         weight_decay=config.weight_decay)
     state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), info.image_shape)
