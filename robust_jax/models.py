@@ -71,8 +71,10 @@ def choose_conv_impl(use: str, *, backend: str, cpu_vendor: str = "", cpu_flags=
       mode: ``"onednn_bf16"`` on a CPU backend with one device, oneDNN available, and bf16 units that beat f32: AMX
       (``amx_bf16``) or AMD's ``avx512_bf16`` (Zen 4 / Zen 5). Otherwise ``"custom_vjp"``: GPU / TPU, several
       devices (the FFI call has no partitioning rule), CPUs without bf16 units, and Intel ``avx512_bf16`` without
-      AMX (Cooper Lake; Emerald Rapids with AMX off, where bf16 ran at half the f32 rate and the train step at
-      0.41-0.99x of XLA f32). Measurements per host: ``benchmarks/README.md``.
+      AMX (Cooper Lake; Emerald Rapids with AMX off, whose bf16 dot product runs below the f32 FMA rate, so bf16
+      training there was slower than XLA f32). Measurements per host: ``benchmarks/README.md`` and
+      ``benchmarks/onednn/REPORT.md``. On a shared machine, train with ``ROBUST_JAX_ONEDNN_THREADS=1``
+      (:mod:`robust_jax.onednn`).
     - ``"higher_order"`` (``jax.grad`` of ``jax.grad``, e.g. gradient penalties): ``"custom_vjp"``, whose backward
       pass is differentiable again (oneDNN's is not).
     - ``"forward_mode"`` (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``): ``"xla"``, the only one with forward-mode AD.
