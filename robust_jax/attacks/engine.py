@@ -248,7 +248,8 @@ def first_success(run: Callable, n_runs: int, init: Result | None = None) -> Res
     """Per example, the first successful of the runs ``run(r) -> Result`` (r = 0 .. n_runs−1), else the one with
     the highest score (:func:`keep_first_success` folded over the runs in order). Sequential (``lax.scan``: one
     run's memory, compiled once). `init` is the result before any run (e.g. the clean batch with score ``−inf``,
-    kept where no run has a finite score); by default the first run."""
+    kept where no run has a finite score); by default the first run. A single run is returned as it is (`init`
+    unused), as the reference does with one restart."""
     if n_runs < 1:
         raise ValueError(f"need n_runs >= 1, got {n_runs}")
     if init is None or n_runs == 1:
