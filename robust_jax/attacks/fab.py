@@ -21,9 +21,9 @@ point*, so it differentiates the step's ``objective`` itself: one forward pass (
 Defaults are the reference's (fra31/auto-attack, ``fab_base.py`` / ``autoattack.py``): 100 iterations,
 ``α_max = 0.1``, ``η = 1.05``, ``β = 0.9``, FAB-T on the 9 classes with the largest clean logits other than y, one
 restart per target; restarts after the first start at ``x + ε/2·t/‖t‖`` (t uniform in [−1, 1]^d for Linf, Gaussian for
-L2). The projection is a sort-based exact solution of the box-constrained problem (written here, not the
-reference's bisection); when the hyperplane cannot be reached inside the box, every coordinate moves to the box
-boundary in the helpful direction.
+L2). The projection solves the box-constrained problem by bracketing its one unknown, then solving the linear
+piece exactly (written here, not the reference's); when the hyperplane cannot be reached inside the box, every
+coordinate moves to the box boundary in the helpful direction.
 """
 
 from __future__ import annotations
@@ -52,15 +52,19 @@ from robust_jax.models import logits_of
 __all__ = ["fab", "fab_step", "fab_t", "project_hyperplane"]
 
 
-def project_hyperplane(t, w, b, norm: str):
+def project_hyperplane(t, w, b, norm: str, *, iterations: int = 48):
     """Minimal-norm ``δ`` with ``w·(t + δ) = b`` and ``t + δ`` in [0, 1]^d, per row of (N, d) `t`, `w` and (N,) `b`.
 
     Moving towards the hyperplane, coordinate i can change by at most its room ``r_i`` (to 1 where it helps to
     increase, to 0 where it helps to decrease). With ``u = sign(b − w·t)·w`` the optimum is
     ``δ_i = sign(u_i)·min(λ, r_i)`` (Linf) or ``δ_i = u_i·min(λ, r_i/|u_i|)`` (L2, the KKT form of the box-clipped
-    projection), for the smallest λ reaching the hyperplane. Both are ``Σ_i c_i·min(λ, m_i) = |b − w·t|``, a
-    piecewise-linear increasing function of λ solved exactly after sorting the breakpoints m. If even moving every
-    coordinate to the box boundary does not reach it, that full move is returned."""
+    projection), for the smallest λ reaching the hyperplane. Both are ``F(λ) = Σ_i c_i·min(λ, m_i) = |b − w·t|``
+    with F piecewise linear and nondecreasing. λ is bracketed by `iterations` bisection steps on [0, max m] (each
+    one O(d) reduction: no sort, which costs an order of magnitude more on a CPU) and then solved exactly on the
+    linear piece at the bracket's lower end, ``λ = lo + (target − F(lo)) / Σ_{m_i > lo} c_i``, capped at its upper
+    end; the result is exact up to rounding once the bracket is narrower than the gap between breakpoints, and off
+    by at most the bracket's width (``max m · 2^-iterations``) otherwise. If even moving every coordinate to the box
+    boundary does not reach the hyperplane, that full move is returned."""
     gap = b - jnp.sum(w * t, axis=1)
     u = jnp.sign(gap)[:, None] * w
     room = jnp.maximum(jnp.where(u > 0, 1.0 - t, t), 0.0)
@@ -72,17 +76,19 @@ def project_hyperplane(t, w, b, norm: str):
     else:
         raise ValueError(f"unknown norm {norm!r}; use linf or l2")
     target = jnp.abs(gap)
-    order = jnp.argsort(m, axis=1)
-    ms, cs = jnp.take_along_axis(m, order, 1), jnp.take_along_axis(c, order, 1)
-    below = jnp.cumsum(cs * ms, axis=1)  # Σ_{j<=k} c_j m_j
-    above = jnp.sum(cs, axis=1, keepdims=True) - jnp.cumsum(cs, axis=1)  # Σ_{j>k} c_j
-    reach = below + ms * above  # F(m_(k)), nondecreasing in k
-    k = jnp.sum(reach < target[:, None], axis=1)  # first breakpoint reaching the target
-    d = m.shape[1]
-    prev = lambda a: jnp.where(k > 0, jnp.take_along_axis(a, jnp.maximum(k - 1, 0)[:, None], 1)[:, 0], 0.0)
-    slope = jnp.where(k > 0, prev(above), jnp.sum(cs, axis=1))
-    lam = (target - prev(below)) / jnp.maximum(slope, 1e-30)
-    lam = jnp.where(k >= d, jnp.inf, lam)  # unreachable: full move
+    reach = lambda lam: jnp.sum(c * jnp.minimum(lam[:, None], m), axis=1)  # F(λ)
+
+    def bisect(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        short = reach(mid) < target
+        return jnp.where(short, mid, lo), jnp.where(short, hi, mid)
+
+    top = jnp.max(m, axis=1)
+    lo, hi = jax.lax.fori_loop(0, iterations, bisect, (jnp.zeros_like(target), top))
+    slope = jnp.sum(jnp.where(m > lo[:, None], c, 0.0), axis=1)
+    lam = jnp.minimum(lo + (target - reach(lo)) / jnp.maximum(slope, 1e-30), hi)
+    lam = jnp.where(reach(top) < target, jnp.inf, lam)  # unreachable: full move
     if norm == "linf":
         return jnp.sign(u) * jnp.minimum(lam[:, None], m)
     return u * jnp.minimum(lam[:, None], m)
