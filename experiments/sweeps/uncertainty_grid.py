@@ -13,7 +13,8 @@ Checkpoints as in the study: the dropout-trained network serves ``none`` and ``e
 heteroscedastic twin ``aleatoric``. ``none`` has no randomness, so both protocols differentiate the same logits
 (``Defence.attacked``; the study repeats its row for the adaptive protocol): it gets one cell per attack, under the
 first protocol (tests/test_sweep.py checks that the other gives the same result). 10 cells per dataset. The committed
-run (``results/sweeps/uncertainty_grid``) is the MNIST part.
+run (``results/sweeps/uncertainty_grid``) has both datasets' cells, all with the f32 attack kernels (``custom_vjp``):
+``--conv_impl=custom_vjp`` reuses them.
 """
 
 from robust_jax.evaluate import DEFENCES, PROTOCOLS
