@@ -397,7 +397,7 @@ def main(argv):
     from robust_jax import checkpoints, data
 
     eps_arg = FLAGS.eps if FLAGS.eps is not None else ("8/255" if FLAGS.norm == "linf" else "0.5")
-    m = checkpoints.load(FLAGS.checkpoint)
+    m = checkpoints.load(FLAGS.checkpoint)  # attacked in f32 too: FAB / success checks sit on the boundary
     ds = m.card["dataset"]
     split = data.head(ds, data.splits(ds)["test"], FLAGS.num_examples)
     x, y = data.load(ds, split, data_dir=FLAGS.data_dir)

@@ -11,7 +11,11 @@ Metrics (``robust_jax.metrics``): top-label ECE with 15 equal-width bins, adapti
 confidence, NLL; and the same ECE after temperature scaling, with one temperature per model fitted on clean
 validation data (``train[45000:]``) by NLL — so a model is not "better calibrated" merely because it was trained with
 label smoothing (the standard and rotation checkpoints were, the PGD-trained ones were not).
-Each (model, perturbation) is cached in --out_dir/evals/<model>.json: a rerun only computes what is missing.
+PGD differentiates each checkpoint with the attack kernels of --conv_impl; every logit (ECE, accuracy, the temperature
+fit) comes from the f32 evaluation kernels.
+Each (model, perturbation) is cached in --out_dir/evals/<model>.json: a rerun only computes what is missing; a PGD
+row records its attack kernels (``conv_impl``; rows without it were computed with ``custom_vjp``) and is recomputed
+when they differ from this run's.
 Writes results.json, results.md, reliability.png (rows: models, columns: perturbations) and
 ece_vs_strength.png (ECE along each training knob of ``SERIES``) to --out_dir.
 """
@@ -45,6 +49,7 @@ cli.names("perturbations", None, PERTURBATIONS, "perturbations (default: all)")
 cli.count("num_examples", 2000, "N test images (the first N of the test split)")
 cli.count("num_val", 2000, "validation images for the temperature fit")
 cli.count("num_bins", 15, "ECE bins", lower=2)
+cli.conv_impl()
 cli.batch_size(500)
 cli.seed()
 cli.data_dir()
@@ -53,8 +58,21 @@ cli.validate(["dataset", "models"], lambda v: _regimes_problem(v["dataset"], v["
 FLAGS = flags.FLAGS
 
 
-def perturb(m, name: str, x, y, key, batch_size: int):
-    """The perturbed inputs for one model."""
+def is_attack(name: str) -> bool:
+    """Whether perturbation `name` differentiates the model (PGD; the others are random draws)."""
+    spec = PERTURBATIONS[name]
+    return spec is not None and spec[0] == "pgd"
+
+
+def stale(rows: dict, name: str, conv_impl: str) -> bool:
+    """Whether perturbation `name` must be (re)computed: no cached row, or a PGD row computed with attack kernels
+    other than `conv_impl` (``cli.attack_kernels_of``: rows without a record were computed with ``custom_vjp``)."""
+    return name not in rows or (is_attack(name) and cli.attack_kernels_of(rows[name]) != conv_impl)
+
+
+def perturb(ma, name: str, x, y, key, batch_size: int):
+    """The perturbed inputs for one model: PGD differentiates `ma` (the checkpoint with the attack kernels); the
+    other perturbations do not look at the model."""
     import functools
 
     import jax
@@ -69,15 +87,37 @@ def perturb(m, name: str, x, y, key, batch_size: int):
     kind, arg = spec
     if kind == "pgd":
         steps = 10
-        return runner.run_attack(lambda v, a, b, k: attacks.pgd(functools.partial(m.apply, v), a, b, key=k, eps=arg,
+        return runner.run_attack(lambda v, a, b, k: attacks.pgd(functools.partial(ma.apply, v), a, b, key=k, eps=arg,
                                                                 step_size=2.5 * arg / steps, steps=steps),
-                                 m.variables, x, y, key=key, batch_size=batch_size, desc=name)
+                                 ma.variables, x, y, key=key, batch_size=batch_size, desc=name)
     if kind == "noise_fixed":
         return np.asarray(transforms.gaussian_noise(jax.numpy.asarray(x), arg, key))
     fam = spatial.family(kind, **arg)
     params = fam.sample(key, len(x))
     return np.concatenate([np.asarray(fam.apply(jax.numpy.asarray(x[i:i + batch_size]), params[i:i + batch_size],
                                                 None)) for i in range(0, len(x), batch_size)])
+
+
+def calibrate(m, ma, x, y, xv, yv, cached: dict, perts, *, seed: int, num_bins: int, batch_size: int, save):
+    """(temperature, {perturbation: calibration row}) of one model: the rows of `cached` (``{"temperature", "rows"}``
+    of its cache file) reused unless :func:`stale`, the others computed, each followed by ``save({"temperature",
+    "rows"})`` (resumable). Every logit is `m`'s (the f32 evaluation kernels: the temperature fit on (xv, yv), ECE and
+    accuracy); PGD differentiates `ma` (the attack kernels), recorded in its row (``conv_impl``)."""
+    import jax
+
+    from robust_jax import metrics
+
+    conv = ma.model.conv_impl
+    temp = cached.get("temperature") or metrics.fit_temperature(m.predict(xv, batch_size), yv)
+    rows = dict(cached.get("rows", {}))
+    for p in perts:
+        if stale(rows, p, conv):
+            k = jax.random.fold_in(jax.random.PRNGKey(seed), list(PERTURBATIONS).index(p))
+            logits = m.predict(perturb(ma, p, x, y, k, batch_size), batch_size)
+            rows[p] = {**metrics.calibration_report(logits, y, temperature=temp, num_bins=num_bins),
+                       **({"conv_impl": conv} if is_attack(p) else {})}
+            save({"temperature": temp, "rows": rows})
+    return temp, rows
 
 
 def verdicts(results: dict, perturbations) -> list[str]:
@@ -124,11 +164,11 @@ def main(argv):
     import jax
 
     from experiments.regimes import load_models, series
-    from robust_jax import data, metrics
+    from robust_jax import data
 
     started = time.time()
     ds, perts = FLAGS.dataset, FLAGS.perturbations or list(PERTURBATIONS)
-    models = load_models(ds, FLAGS.models)
+    models = load_models(ds, FLAGS.models)  # f32 evaluation kernels: every logit
     sp = data.splits(ds)
     x, y = data.load(ds, f"{sp['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
     xv, yv = data.load(ds, data.head(ds, sp["val"], FLAGS.num_val), data_dir=FLAGS.data_dir)  # first num_val of val
@@ -137,30 +177,29 @@ def main(argv):
             f"{FLAGS.num_bins} bins, seed={FLAGS.seed}, devices={jax.device_count()}")
     out = cli.output_folder(FLAGS.out_dir, f"results/calibration/{ds}")
     (out / "evals").mkdir(exist_ok=True)
-    # per-model cache (resumable): valid for these settings; a perturbation's key depends only on its name
+    # per-model cache (resumable): valid for these settings; a perturbation's key depends only on its name, and a PGD
+    # row is valid for the attack kernels it records (stale)
     record = {"num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins, "seed": FLAGS.seed}
-    results, temps = {}, {}
+    results, temps, conv = {}, {}, {}
     for name, m in models.items():
+        ma = m.for_use("attack", FLAGS.conv_impl)  # the kernels PGD differentiates
+        conv = cli.kernels(m, ma)
         path = out / "evals" / f"{name}.json"
         cached = json.loads(path.read_text()) if path.is_file() else {}
         cached = cached if cached.get("settings") == record else {}
-        temps[name] = cached.get("temperature") or metrics.fit_temperature(m.predict(xv, FLAGS.batch_size), yv)
-        rows = cached.get("rows", {})
-        for p in perts:
-            if p not in rows:
-                k = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), list(PERTURBATIONS).index(p))
-                logits = m.predict(perturb(m, p, x, y, k, FLAGS.batch_size), FLAGS.batch_size)
-                rows[p] = metrics.calibration_report(logits, y, temperature=temps[name], num_bins=FLAGS.num_bins)
-                path.write_text(json.dumps({"settings": record, "temperature": temps[name], "rows": rows}))
+        save = lambda c, path=path: path.write_text(json.dumps({"settings": record, **c}))  # noqa: E731
+        temps[name], rows = calibrate(m, ma, x, y, xv, yv, cached, perts, seed=FLAGS.seed, num_bins=FLAGS.num_bins,
+                                      batch_size=FLAGS.batch_size, save=save)
         results[name] = {p: rows[p] for p in perts}
         cli.say(f"{name} (T={temps[name]:.2f}): " + ", ".join(f"{p} ECE {100 * r['ece']:.1f}%"
                                                              for p, r in results[name].items()))
     curves = series(ds, results)
     figures = make_figures(ds, results, curves, perts, len(x), out)
-    (out / "results.md").write_text(markdown(ds, results, temps, curves, perts, len(x)))
+    (out / "results.md").write_text(markdown(ds, results, temps, curves, perts, len(x), conv))
     cards = {n: {k: m.card.get(k) for k in ("name", "test_accuracy", "val_accuracy")} for n, m in models.items()}
     (out / "results.json").write_text(json.dumps(
-        {"dataset": ds, "num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins, "seed": FLAGS.seed,
+        {"dataset": ds, "conv_impl": conv, "num_examples": len(x), "num_val": len(xv), "num_bins": FLAGS.num_bins,
+         "seed": FLAGS.seed,
          "perturbations": {p: PERTURBATIONS[p] for p in perts}, "models": cards, "temperatures": temps,
          "series": {k: {"strength": st, "models": nm} for k, (st, nm) in curves.items()},
          "results": results, "seconds": time.time() - started}, indent=1))
@@ -185,10 +224,11 @@ def make_figures(ds, results, curves, perts, n, out) -> list[str]:
     return [f.name for f in files]
 
 
-def markdown(ds, results, temps, curves, perts, n) -> str:
+def markdown(ds, results, temps, curves, perts, n, conv=None) -> str:
     lines = [f"# Calibration under perturbations ({ds}, N={n}, {FLAGS.num_bins}-bin top-label ECE, %)", "",
              "Each cell: ECE / ECE after temperature scaling (T fitted per model on clean validation data) / "
-             "accuracy.", "", "| model | T | " + " | ".join(perts) + " |", "|---" * (len(perts) + 2) + "|"]
+             "accuracy." + (cli.conv_note(conv) if conv else ""), "", "| model | T | " + " | ".join(perts) + " |",
+             "|---" * (len(perts) + 2) + "|"]
     for m, r in results.items():
         cells = [f"{100 * r[p]['ece']:.1f} / {100 * r[p]['ece_temperature_scaled']:.1f} / {100 * r[p]['accuracy']:.0f}"
                  for p in perts]

@@ -168,6 +168,18 @@ def checkpoint(defaults: Mapping[str, str], help: str = "checkpoint name (a fold
     return holder
 
 
+def conv_impl():
+    """``--conv_impl`` (default ``auto``): the convolution kernels the attacks differentiate. A study loads its
+    checkpoint with the f32 evaluation kernels (``checkpoints.load``), which compute every reported number, and
+    differentiates ``m.for_use("attack", FLAGS.conv_impl)`` (the same weights); see :func:`kernels`."""
+    from robust_jax.models import CONV_IMPLS
+
+    return flags.DEFINE_enum("conv_impl", "auto", list(CONV_IMPLS), "convolution kernels the attacks differentiate "
+                             "(auto: models.choose_conv_impl for use='attack', e.g. onednn_bf16 on CPUs with fast "
+                             "bf16 units); every reported logit, energy and accuracy is computed with the f32 "
+                             "evaluation kernels (custom_vjp)")
+
+
 def validate(flag_names: list[str], problem: Callable[[dict], str | None]) -> None:
     """A check across flags, run when the command line is read: ``problem({flag: value})`` returns None when the
     values are fine, else the one-line error (naming the flags and what would be valid)."""
@@ -214,6 +226,44 @@ def require(condition: bool, message: str) -> None:
     """Raise a :class:`UsageError` (one line, exit 2) unless `condition`: for cross-flag checks inside ``main``."""
     if not condition:
         raise UsageError(message)
+
+
+# ---------------------------------------------------------------------------------------- convolution kernels
+# Cached results written before the attack kernels were recorded were computed with these (the only kernels then).
+UNRECORDED_CONV_IMPL = "custom_vjp"
+
+
+def kernels(m, ma) -> dict:
+    """The kernels of a run: ``{"eval": ..., "attack": ...}`` of the evaluation model `m` (every reported number) and
+    the attack model `ma` (the attacks' gradients), both :class:`robust_jax.checkpoints.Classifier`."""
+    return {"eval": m.model.conv_impl, "attack": ma.model.conv_impl}
+
+
+def conv_note(conv, attacks=()) -> str:
+    """The results.md sentence (with a leading space) on the kernels of :func:`kernels`, naming those of `attacks`
+    that differentiate the evaluation kernels (:func:`attacked_kernels`)."""
+    from robust_jax.evaluate import BOUNDARY_ATTACKS
+
+    boundary = [a for a in attacks if a in BOUNDARY_ATTACKS]
+    return (f" Convolutions: attack gradients `{conv['attack']}`, every reported number `{conv['eval']}`"
+            + (f"; {', '.join(boundary)} stop at the decision boundary and differentiate `{conv['eval']}`."
+               if boundary else "."))
+
+
+def attacked_kernels(attack: str, m, ma) -> str | None:
+    """The kernels `attack` (a name of ``evaluate.ATTACKS``) differentiates: `ma`'s, except the boundary attacks
+    (``evaluate.BOUNDARY_ATTACKS``: `m`'s) and the black-box attack (None: it only queries `m`'s labels)."""
+    from robust_jax.evaluate import BOUNDARY_ATTACKS
+
+    if attack == "blackbox":
+        return None
+    return (m if attack in BOUNDARY_ATTACKS else ma).model.conv_impl
+
+
+def attack_kernels_of(entry: dict) -> str:
+    """The attack kernels a cached result `entry` was computed with: its ``"conv_impl"``, or
+    :data:`UNRECORDED_CONV_IMPL` for an entry written before they were recorded."""
+    return entry.get("conv_impl", UNRECORDED_CONV_IMPL)
 
 
 # ----------------------------------------------------------------------------------------------------- output

@@ -21,15 +21,12 @@ import types
 from absl import flags
 
 from experiments import cli
-from robust_jax.models import CONV_IMPLS
 
 DEFAULTS = {"cifar10": ("cifar10_resnet10", 8 / 255, 16 / 255), "mnist": ("mnist_basic_cnn", 0.3, 0.4)}
 cli.dataset("cifar10", DEFAULTS, "dataset; sets the default checkpoint and budgets (cifar10: cifar10_resnet10, eps "
             "8/255, big_eps 16/255; mnist: mnist_basic_cnn, 0.3, 0.4)")
 cli.checkpoint({d: v[0] for d, v in DEFAULTS.items()})
-flags.DEFINE_enum("conv_impl", None, CONV_IMPLS, "convolution kernels for the checkpoint's model (default: "
-                  "custom_vjp); onednn / onednn_bf16 are faster on wide models, see benchmarks/README.md; auto "
-                  "picks onednn_bf16 on CPUs with fast bf16 units (models.choose_conv_impl)")
+cli.conv_impl()
 cli.data_dir()
 cli.count("num_examples", 500, "test examples (the first N of the test split)")
 cli.count("num_val", 1000, "validation examples for fitting the detector's temperature and threshold")
@@ -89,22 +86,24 @@ def main(argv):
 
     started = time.time()
     s = settings()
-    m = checkpoints.load(s.checkpoint, conv_impl=FLAGS.conv_impl, use="attack")  # "auto": the attack kernels
+    m = checkpoints.load(s.checkpoint)  # f32 evaluation kernels: every reported number
+    ma = m.for_use("attack", FLAGS.conv_impl)  # the kernels the attacks differentiate
     sp = data.splits(s.dataset)
     x_test, y_test = data.load(s.dataset, f"{sp['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
     x_val, y_val = data.load(s.dataset, data.head(s.dataset, sp["val"], FLAGS.num_val), data_dir=FLAGS.data_dir)
     x_test, x_val = data.to_float(x_test), data.to_float(x_val)
     cli.say(f"energy_detection: {s.dataset}, checkpoint {s.checkpoint} (test acc {m.card['test_accuracy']:.4f}), "
             f"N_test={len(x_test)}, N_val={len(x_val)}, eps={_eps(s.eps)}, step={_eps(s.step_size)}, "
-            f"seed={FLAGS.seed}, devices={jax.device_count()}")
+            f"seed={FLAGS.seed}, devices={jax.device_count()}, attack gradients: {ma.model.conv_impl}")
 
     key = jax.random.PRNGKey(FLAGS.seed)
-    logits, seconds = attack_logits(m, s, x_test, y_test, x_val, y_val, key)
-    results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count(), m.model.conv_impl),
+    logits, seconds = attack_logits(m, ma, s, x_test, y_test, x_val, y_val, key)
+    conv = {"eval": m.model.conv_impl, "attack": ma.model.conv_impl}
+    results = {"config": config_record(s, len(x_test), len(x_val), jax.device_count(), conv),
                **analyse(s, logits, y_test)}
     if FLAGS.apgd:
         t = time.time()
-        results["apgd"] = apgd_detection(m, s, x_test, y_test, logits["test"][0], results["detector"],
+        results["apgd"] = apgd_detection(m, ma, s, x_test, y_test, logits["test"][0], results["detector"],
                                          jax.random.fold_in(key, 7))
         seconds["apgd"] = time.time() - t
     else:
@@ -125,9 +124,10 @@ def main(argv):
     cli.finish(out, summary(results), started=started, files=["results.md", "results.json", *figures])
 
 
-def attack_logits(m, s, x_test, y_test, x_val, y_val, key):
-    """Logits after every attack: {"test"/"val": {steps: PGD logits (0 = clean)}, "test_big"/"val_big": PGD at
-    big_eps, "le": {lam: LE-PGD logits on test}}, and the seconds each family took."""
+def attack_logits(m, ma, s, x_test, y_test, x_val, y_val, key):
+    """Logits (of `m`) after every attack (differentiating `ma`, the same weights with the attack kernels):
+    {"test"/"val": {steps: PGD logits (0 = clean)}, "test_big"/"val_big": PGD at big_eps, "le": {lam: LE-PGD logits
+    on test}}, and the seconds each family took."""
     import jax
     import numpy as np
 
@@ -135,14 +135,14 @@ def attack_logits(m, s, x_test, y_test, x_val, y_val, key):
 
     def pgd(eps_, steps_):  # one trajectory, logits at every snapshot; compiled once per budget
         def attack(v, x, y, k):
-            snaps = attacks.pgd_snapshots(functools.partial(m.apply, v), x, y, key=k, eps=eps_,
+            snaps = attacks.pgd_snapshots(functools.partial(ma.apply, v), x, y, key=k, eps=eps_,
                                           step_size=s.step_size * eps_ / s.eps, snapshots=steps_, loop=LOOP)
             return {n: m.apply(v, xa) for n, xa in snaps.items()}
         return attack
 
     def le_pgd(v_lam, x, y, k):  # lambda is traced: one compilation for the whole sweep
         v, lam = v_lam
-        xa = attacks.le_pgd(functools.partial(m.apply, v), x, y, key=k, eps=s.eps, step_size=s.step_size,
+        xa = attacks.le_pgd(functools.partial(ma.apply, v), x, y, key=k, eps=s.eps, step_size=s.step_size,
                             steps=FLAGS.le_steps, lam=lam, loop=LOOP)
         return m.apply(v, xa)
 
@@ -213,7 +213,7 @@ def analyse(s, logits, y_test) -> dict:
     return r
 
 
-def apgd_detection(m, s, x_test, y_test, clean_logits, det, key) -> dict:
+def apgd_detection(m, ma, s, x_test, y_test, clean_logits, det, key) -> dict:
     """The deployed detector (fitted on validation PGD, applied unchanged) against APGD-based adaptive attacks on
     test: LE-APGD (APGD on CE + λ·E at T=1, as LE-PGD) at each --apgd_lams, and detector-aware APGD (APGD on
     ``min(margin, threshold − T·logsumexp(z/T))`` at the deployed T and threshold; success = misclassified and not
@@ -228,11 +228,11 @@ def apgd_detection(m, s, x_test, y_test, clean_logits, det, key) -> dict:
 
     def le_apgd(v_lam, x, y, k):  # lambda traced: one compilation for every lambda
         v, lam = v_lam
-        return m.apply(v, attacks.le_apgd(functools.partial(m.apply, v), x, y, key=k, lam=lam, **kw))
+        return m.apply(v, attacks.le_apgd(functools.partial(ma.apply, v), x, y, key=k, lam=lam, **kw))
 
     def detector_apgd(v_det, x, y, k):  # the detector traced too
         v, thr, t = v_det
-        return m.apply(v, attacks.detector_apgd(functools.partial(m.apply, v), x, y, key=k, threshold=thr,
+        return m.apply(v, attacks.detector_apgd(functools.partial(ma.apply, v), x, y, key=k, threshold=thr,
                                                 temperature=t, **kw))
 
     run = functools.partial(runner.run_attack, batch_size=FLAGS.batch_size)
@@ -317,10 +317,11 @@ def mc_dropout_detection(s, x_val, y_val, x_test, y_test, key) -> dict:
     from robust_jax import attacks, checkpoints, energy, evaluate, runner
 
     m = checkpoints.load(MC_DROPOUT[s.dataset])
+    ma = m.for_use("attack", FLAGS.conv_impl)
     n, num = FLAGS.mc_num_examples, FLAGS.mc_samples
     rows = {}
     for name, kind in (("deterministic", "none"), ("mc_dropout", "epistemic")):
-        d = evaluate.Defence(kind, m, mc_samples=num, eot_samples=num)
+        d = evaluate.Defence(kind, m, mc_samples=num, eot_samples=num, attack_model=ma)
 
         def attack(v, x, y, k, d=d):
             k_att, k_le, k_pred = jax.random.split(k, 3)
@@ -342,7 +343,8 @@ def mc_dropout_detection(s, x_val, y_val, x_test, y_test, key) -> dict:
             row[a] = {**evaluate.energy_detector_report(det, test["clean"], test[a], y_test[:n])[0],
                       "mean_energy": float(np.mean(energy.energy(test[a])))}
         rows[name] = row
-    return {"checkpoint": MC_DROPOUT[s.dataset], "num_examples": n, "mc_samples": num, "eot_samples": num,
+    return {"checkpoint": MC_DROPOUT[s.dataset], "conv_impl": {"eval": m.model.conv_impl, "attack": ma.model.conv_impl},
+            "num_examples": n, "mc_samples": num, "eot_samples": num,
             "steps": s.fixed, "le_steps": FLAGS.le_steps, "lam": FLAGS.mc_lam, "rows": rows}
 
 
@@ -398,7 +400,7 @@ def markdown(r, figures=()) -> str:
              f"N_test={c['num_examples']}, N_val={c['num_val']}, eps={_eps(c['eps'])} ({c['eps']:.4f}), "
              f"step={_eps(c['step_size'])} ({c['step_size']:.4f}), threshold rule: {c['threshold']}, seed "
              f"{c['seed']}. Energy E = −T·logsumexp(logits/T); detector flags −E ≥ threshold (fitted on validation, "
-             "applied to test)." + (f" Convolutions: `{c['conv_impl']}`." if c["conv_impl"] != "custom_vjp" else ""),
+             "applied to test)." + (cli.conv_note(c["conv_impl"]) if isinstance(c["conv_impl"], dict) else ""),
              "", "## Energy vs PGD steps", "", "| steps | mean energy | accuracy % |", "|---|---|---|"]
     lines += [f"| {x['steps']} | {x['mean_energy']:.3f} ± {x['std_energy']:.3f} | {_pct(x['accuracy'])} |"
               for x in r["energy_vs_steps"]]

@@ -10,6 +10,12 @@ checkpoint, Wilson 95% bands) and ``summary.json`` (what ran, what was reused, w
 Rerunning continues a killed sweep with its unfinished cells (see :mod:`robust_jax.sweep`). Exit status 2 when some
 cell failed (the others are written).
 
+Kernels: each cell's attack differentiates its checkpoint with the cell's ``conv_impl`` (default ``auto``: the fast
+attack kernels of the host, e.g. ``onednn_bf16`` on a CPU with fast bf16 units and one device); robust accuracy is
+always computed with the f32 evaluation kernels. The attack kernels are part of a cell's key; ``--conv_impl``
+overrides them for every cell (``--conv_impl=custom_vjp`` reuses the results written before the kernels were
+recorded, e.g. those committed under results/sweeps/).
+
 Multi-process: run the same command in every process. Under SLURM (``srun``), Open MPI (``mpirun``) or on a multi-host
 Cloud TPU slice, ``jax.distributed.initialize()`` finds its peers by itself (``--distributed=auto``; ``on`` forces it,
 e.g. on a TPU VM whose environment does not list the hosts); elsewhere pass ``--coordinator_address=<host0>:<port>
@@ -25,6 +31,7 @@ from pathlib import Path
 from absl import app, flags
 
 from robust_jax import xla_defaults
+from robust_jax.models import CONV_IMPLS
 
 # allow_override: tests import several experiment modules into one process; absl's flags are global.
 flags.DEFINE_string("config", None, "sweep config: a .py file or a name in experiments/sweeps/", required=True,
@@ -34,6 +41,12 @@ flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR)",
 flags.DEFINE_integer("num_examples", None, "override every cell's N (new cell keys: a separate set of results)",
                      allow_override=True)
 flags.DEFINE_list("checkpoints", None, "run only the cells of these checkpoints", allow_override=True)
+flags.DEFINE_enum("conv_impl", None, CONV_IMPLS, "override every cell's conv_impl: the convolution kernels its attack "
+                  "differentiates (default: each cell's own, auto unless the config sets one: models.choose_conv_impl "
+                  "for the attack's use, e.g. onednn_bf16 on CPUs with fast bf16 units and one device); custom_vjp "
+                  "gives the keys of the results written before the kernels were recorded. Robust accuracy is always "
+                  "computed with the f32 evaluation kernels (custom_vjp). A new kernel choice is a new cell key",
+                  allow_override=True)
 flags.DEFINE_bool("list", False, "print the cells and their keys, run nothing", allow_override=True)
 flags.DEFINE_bool("progress", True, "progress bars (process 0)", allow_override=True)
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -88,6 +101,8 @@ def main(argv):
         grid = type(grid)(grid.name, [c for c in grid.cells if c.checkpoint in FLAGS.checkpoints], grid.description)
     if FLAGS.num_examples:
         grid = grid.replace_cells(n=FLAGS.num_examples)
+    if FLAGS.conv_impl:
+        grid = grid.replace_cells(conv_impl=FLAGS.conv_impl)
     out = Path(FLAGS.out_dir or f"results/sweeps/{grid.name}")
     if FLAGS.list:
         if sharding.is_main_process():
@@ -100,7 +115,7 @@ def main(argv):
                     defended = (f" defence={d['kind']} protocol={d['protocol']} T={d['mc_samples']} "
                                 f"S={d['eot_samples']}" if d else "")
                     print(f"{i:3d} {p.key} {state} {c.checkpoint} {c.attack} {p.budget}={list(c.values)} "
-                          f"{p.base}[{p.start}:{p.stop}] seed={c.seed} batch={p.batch}{defended}")
+                          f"{p.base}[{p.start}:{p.stop}] seed={c.seed} batch={p.batch} conv={p.conv_impl}{defended}")
                 except Exception as e:  # noqa: BLE001
                     print(f"{i:3d} unresolvable: {c.checkpoint} {c.attack}: {e}")
         return

@@ -13,8 +13,11 @@ Every model is evaluated on the same N test images: clean accuracy, PGD-k accura
 the smaller ``--curve_eps`` budgets, where models that are not adversarially trained still have some accuracy) and,
 per transformation family (``robust_jax.attacks.spatial``), worst-of-k accuracy (Engstrom et al. 2019), the mean
 accuracy over the k random draws, and accuracy at fixed severities (the accuracy-vs-severity figure). ``--grid``
-adds Engstrom's exhaustive 31×5×5 rotation-translation grid. Each (model, evaluation) is cached in
-``--out_dir/evals/<model>.json``: a rerun resumes and only computes what is missing.
+adds Engstrom's exhaustive 31×5×5 rotation-translation grid. PGD differentiates each checkpoint with the attack
+kernels of --conv_impl; the transformation searches (forward passes only) and every accuracy use the f32 evaluation
+kernels. Each (model, evaluation) is cached in ``--out_dir/evals/<model>.json``: a rerun resumes and only computes
+what is missing; a PGD entry records its attack kernels (``conv_impl``; entries without it were computed with
+``custom_vjp``) and is recomputed when they differ from this run's.
 Writes results.json, results.md, tradeoff_<family>.png (the trade-off plane, series joined as curves),
 strength_<family>.png (accuracies along each series) and accuracy_vs_<family>.png to --out_dir.
 """
@@ -41,6 +44,7 @@ cli.count("pgd_steps", 10, "PGD steps")
 cli.count("k", 10, "worst-of-k: random transformations per image")
 flags.DEFINE_bool("grid", False, "also run the exhaustive 31x5x5 rotation-translation grid (775 forward passes/image)")
 cli.eps_list("curve_eps", [1 / 255, 2 / 255], "further PGD budgets (same steps)")
+cli.conv_impl()
 cli.batch_size(500, "evaluation batch size")
 cli.seed()
 cli.data_dir()
@@ -81,8 +85,18 @@ def pgd_key(steps: int, eps: float) -> str:
     return f"pgd{steps}_eps{eps:.5f}"
 
 
-def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, grid, seed, batch_size) -> dict:
-    """Fill the missing entries of `evals` (a cache dict) for one model (PGD at each eps in `budgets`); returns it."""
+def missing_pgd(evals: dict, budgets, pgd_steps: int, conv_impl: str) -> list:
+    """The budgets whose PGD entry `evals` lacks, or holds computed with attack kernels other than `conv_impl`
+    (``cli.attack_kernels_of``: entries without a record were computed with ``custom_vjp``)."""
+    return [e for e in budgets if pgd_key(pgd_steps, e) not in evals
+            or cli.attack_kernels_of(evals[pgd_key(pgd_steps, e)]) != conv_impl]
+
+
+def evaluate_model(m, ma, x, y, evals: dict, *, families, budgets, pgd_steps, k, grid, seed, batch_size) -> dict:
+    """Fill the missing entries of `evals` (a cache dict) for one model (PGD at each eps in `budgets`); returns it.
+    `m` is the checkpoint with the f32 evaluation kernels: every accuracy and the transformation searches (forward
+    passes only); `ma` the same weights with the attack kernels, which PGD differentiates. A PGD entry records
+    `ma`'s kernels (``conv_impl``) and is recomputed when they differ (:func:`missing_pgd`)."""
     import functools
 
     import jax
@@ -94,20 +108,23 @@ def evaluate_model(m, x, y, evals: dict, *, families, budgets, pgd_steps, k, gri
     from robust_jax.plotting import eps_label
 
     logits = lambda v: functools.partial(m.apply, v)  # noqa: E731
+    attack_logits = lambda v: functools.partial(ma.apply, v)  # noqa: E731
     run = functools.partial(runner.run_attack, batch_size=batch_size, key=jax.random.PRNGKey(seed))
     pred = lambda z: m.predict(z, batch_size).argmax(-1)  # noqa: E731
     if "clean" not in evals:
         evals["clean"] = float(np.mean(pred(x) == y))
-    missing = [e for e in budgets if pgd_key(pgd_steps, e) not in evals]
+    conv = ma.model.conv_impl
+    missing = missing_pgd(evals, budgets, pgd_steps, conv)
     if missing:  # every missing budget in one compiled call: an eps array (leading axis moved behind the batch)
         t0 = time.time()
         eps, step = (jnp.asarray(v, jnp.float32) for v in (missing, [2.5 * e / pgd_steps for e in missing]))
-        attack = lambda v, a, b, kk: jnp.moveaxis(attacks.pgd(logits(v), a, b, key=kk, eps=eps,  # noqa: E731
-                                                              step_size=step, steps=pgd_steps), 0, 1)
+        attack = lambda v, a, b, kk: jnp.moveaxis(attacks.pgd(attack_logits(v), a, b, key=kk,  # noqa: E731
+                                                              eps=eps, step_size=step, steps=pgd_steps), 0, 1)
         adv = run(attack, m.variables, x, y, desc=f"pgd {', '.join(eps_label(e) for e in missing)}")
         for i, e in enumerate(missing):
             evals[pgd_key(pgd_steps, e)] = {"accuracy": float(np.mean(pred(adv[:, i]) == y)), "eps": e,
-                                            "steps": pgd_steps, "seconds": (time.time() - t0) / len(missing)}
+                                            "steps": pgd_steps, "conv_impl": conv,
+                                            "seconds": (time.time() - t0) / len(missing)}
     for name in families:
         fam = spatial.family(name, **LIMITS)
         ek = f"{name}_worst_of_{k}"
@@ -159,22 +176,25 @@ def main(argv):
 
     started = time.time()
     s = settings()
-    models = load_models(s.dataset, FLAGS.models)
+    models = load_models(s.dataset, FLAGS.models)  # f32 evaluation kernels: every accuracy, the spatial searches
     x, y = data.load(s.dataset, f"{data.splits(s.dataset)['test']}[:{FLAGS.num_examples}]", data_dir=FLAGS.data_dir)
     x = data.to_float(x)
     cli.say(f"tradeoff: {s.dataset}, models {list(models)}, transforms {s.families}, N={len(x)}, "
             f"PGD-{FLAGS.pgd_steps} eps {', '.join(_eps(e) for e in s.budgets)}, worst-of-{FLAGS.k}, "
             f"seed={FLAGS.seed}, devices={jax.device_count()}")
-    # the cache is valid for these settings; further PGD budgets are separate entries (eps in their key)
+    # the cache is valid for these settings; further PGD budgets are separate entries (eps in their key), and a PGD
+    # entry is valid for the attack kernels it records (missing_pgd)
     s.record = {"num_examples": len(x), "eps": FLAGS.eps, "pgd_steps": FLAGS.pgd_steps, "k": FLAGS.k,
                 "seed": FLAGS.seed, "limits": LIMITS}
     out = cli.output_folder(FLAGS.out_dir, f"results/tradeoff/{s.dataset}")
-    results = {}
+    results, conv = {}, {}
     for name, m in models.items():
+        ma = m.for_use("attack", FLAGS.conv_impl)  # the kernels PGD differentiates
+        conv = cli.kernels(m, ma)
         path = out / "evals" / f"{name}.json"
         path.parent.mkdir(exist_ok=True)
         cached = json.loads(path.read_text()) if path.is_file() else {}
-        evals = evaluate_model(m, x, y, cached.get("evals", {}) if cached.get("settings") == s.record else {},
+        evals = evaluate_model(m, ma, x, y, cached.get("evals", {}) if cached.get("settings") == s.record else {},
                                families=s.families, budgets=s.budgets, pgd_steps=FLAGS.pgd_steps, k=FLAGS.k,
                                grid=FLAGS.grid, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
         card = {k: m.card.get(k) for k in ("name", "epochs", "test_accuracy", "val_accuracy")}
@@ -185,8 +205,9 @@ def main(argv):
         cli.say(f"{name}: " + ", ".join(f"{col} {get(evals):.3f}" for col, get in columns(s)))
     curves = series(s.dataset, results)
     figures = make_figures(s, results, curves, len(x), out)
-    (out / "results.md").write_text(markdown(s, results, curves, len(x)))
-    (out / "results.json").write_text(json.dumps({"dataset": s.dataset, "settings": {**s.record, "curve_eps": s.curve},
+    (out / "results.md").write_text(markdown(s, results, curves, len(x), conv))
+    (out / "results.json").write_text(json.dumps({"dataset": s.dataset, "conv_impl": conv,
+                                                  "settings": {**s.record, "curve_eps": s.curve},
                                                   "series": {k: {"strength": st, "models": n}
                                                              for k, (st, n) in curves.items()},
                                                   "models": results, "seconds": time.time() - started}, indent=2))
@@ -241,14 +262,15 @@ def make_figures(s, results, curves, n, out) -> list[str]:
     return [f.name for f in files]
 
 
-def markdown(s, results, curves, n) -> str:
+def markdown(s, results, curves, n, conv=None) -> str:
     budget_cols = sorted(s.budgets)
     # the grid column appears once any model has a cached grid result (e.g. a --grid run on a subset of models)
     show_grid = any("rotation_translation_grid" in r["evals"] for r in results.values())
     lines = [f"# Pixel-wise vs transformation robustness ({s.dataset}, N={n})", "",
              f"PGD-{FLAGS.pgd_steps} at eps " + ", ".join(_eps(e) for e in budget_cols)
              + f" (step 2.5·eps/{FLAGS.pgd_steps}); worst-of-{FLAGS.k} random transformations per "
-             f"image within {LIMITS} (accuracy = correct under all k; in brackets: mean accuracy over the k draws).",
+             f"image within {LIMITS} (accuracy = correct under all k; in brackets: mean accuracy over the k draws)."
+             + (cli.conv_note(conv) if conv else ""),
              "", "| model | clean | " + " | ".join(f"PGD {_eps(e)}" for e in budget_cols) + " | "
              + " | ".join(s.families) + (" | rot+trans grid |" if show_grid else " |"),
              "|---" * (2 + len(budget_cols) + len(s.families) + show_grid) + "|"]

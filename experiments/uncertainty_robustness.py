@@ -24,7 +24,9 @@ softmax of T masks), ``aleatoric`` (heteroscedastic head, Kendall & Gal 2017: me
 
 The deterministic model and the black-box attack (labels only) have no randomness to adapt to: their adaptive
 rows repeat the single-pass rows (marked ``"same_as_single_pass": true``). Accuracy is always that of the defended
-prediction.
+prediction, computed with the f32 evaluation kernels, as are the uncertainty scores; FGSM differentiates the
+checkpoint with the attack kernels of --conv_impl, CW-L2 and JSMA (which stop at the decision boundary) the
+evaluation kernels (``evaluate.BOUNDARY_ATTACKS``).
 Writes results.json ({"rows": [...]}), results.md and PNG figures to --out_dir.
 """
 
@@ -69,6 +71,7 @@ flags.DEFINE_float("adaptive_cw_confidence", 5.0,
                    "A minimal (kappa=0) example sits on the decision boundary, where a stochastic predictive flips "
                    "back at random: the adaptive attacker asks for a margin on every EOT sample", lower_bound=0.0)
 cli.count("blackbox_rounds", 6, "substitute training rounds (Jacobian augmentation)")
+cli.conv_impl()
 cli.batch_size(250, "attack batch size")
 cli.seed()
 cli.data_dir()
@@ -111,7 +114,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from robust_jax import checkpoints, data, evaluate, metrics
+    from robust_jax import checkpoints, data, metrics
 
     started = time.time()
     s = settings()
@@ -125,10 +128,10 @@ def main(argv):
             f"{FLAGS.protocols}, N={s.n} (cw/jsma N={s.n_slow}), eps={_eps(s.eps)}, T={FLAGS.mc_samples}, "
             f"EOT S={FLAGS.eot_samples}, seed={FLAGS.seed}, devices={jax.device_count()}")
 
-    study = types.SimpleNamespace(rows=[], sweeps={}, scores={}, correct={}, warnings={})
+    study = types.SimpleNamespace(rows=[], sweeps={}, scores={}, correct={}, warnings={}, conv={})
     for d_i, name in enumerate(FLAGS.defences):
-        defence = evaluate.Defence(name, checkpoints.load(CHECKPOINTS[s.dataset][name]), FLAGS.mc_samples,
-                                   FLAGS.eot_samples)
+        defence = make_defence(name, checkpoints.load(CHECKPOINTS[s.dataset][name]), FLAGS.conv_impl)
+        study.conv = cli.kernels(defence.model, defence.attack_model)  # the same on every checkpoint of the host
         attack_defence(defence, d_i, s, x, y, x_hold, key, study)
         cli.say(f"{name}: done at {time.time() - started:.0f} s")
     # the attacker may use either protocol: an example counts as robust only if it survives both
@@ -143,7 +146,8 @@ def main(argv):
     out = cli.output_folder(FLAGS.out_dir, f"results/uncertainty_robustness/{s.dataset}")
     figures = make_figures(s, study, out)
     seconds = time.time() - started
-    result = {"dataset": s.dataset, "seed": FLAGS.seed, "eps": s.eps, "mc_samples": FLAGS.mc_samples,
+    result = {"dataset": s.dataset, "seed": FLAGS.seed, "conv_impl": study.conv, "eps": s.eps,
+              "mc_samples": FLAGS.mc_samples,
               "eot_samples": FLAGS.eot_samples, "num_examples": s.n, "num_examples_slow": s.n_slow,
               "checkpoints": {d: CHECKPOINTS[s.dataset][d] for d in FLAGS.defences},
               "attack_config": dataclasses.asdict(s.cfg), "rows": study.rows, "worst_case": worst_case,
@@ -153,19 +157,32 @@ def main(argv):
               "warnings": study.warnings, "seconds": seconds}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "results.md").write_text(markdown(s.dataset, study.rows, detection, s.eps, s.n_slow, s.n, seconds,
-                                             worst_case))
+                                             worst_case, study.conv))
     cli.finish(out, summary(study.rows, worst_case), started=started, files=["results.md", "results.json", *figures])
+
+
+def make_defence(name: str, m, conv_impl: str):
+    """The defence `name` (``evaluate.DEFENCES``) of checkpoint `m` (loaded with the f32 evaluation kernels: the
+    defended prediction and its uncertainty scores), attacked through ``m.for_use("attack", conv_impl)``."""
+    from robust_jax import evaluate
+
+    return evaluate.Defence(name, m, FLAGS.mc_samples, FLAGS.eot_samples,
+                            attack_model=m.for_use("attack", conv_impl))
 
 
 def attack_defence(defence, d_i, s, x, y, x_hold, key, study) -> None:
     """Every attack of every protocol against one defence: rows, uncertainty scores of the defended prediction on
-    the adversarial examples, per-example correctness, and the FGSM eps sweep (appended to `study`)."""
+    the adversarial examples, per-example correctness, and the FGSM eps sweep (appended to `study`). The attacks
+    differentiate ``defence.attacked(protocol)`` (its attack model), the boundary attacks
+    (``evaluate.BOUNDARY_ATTACKS``) the same defence through its evaluation model; every prediction and score is the
+    defence's (evaluation model). Each row records the kernels its attack differentiated (``conv_impl``)."""
     import jax
     import numpy as np
 
     from robust_jax import evaluate
 
     name, deterministic = defence.kind, defence.kind == "none"
+    exact = dataclasses.replace(defence, attack_model=None)  # attacked through the evaluation model
     pred_key = jax.random.fold_in(key, 1000 + d_i)
     predict = lambda z: defence.predict(z, pred_key)  # noqa: E731
     clean_logp, clean_scores = defence.predictive(x, pred_key)
@@ -187,7 +204,8 @@ def attack_defence(defence, d_i, s, x, y, x_hold, key, study) -> None:
             (row,) = evaluate.evaluate_attacks(
                 [attack], predict, defence.variables, x[:n_a], y[:n_a],
                 key=jax.random.fold_in(key, 100 * a_i + 10 * p_i + d_i), cfg=cfg,
-                logits_builder=defence.attacked(protocol), x_holdout=x_hold,
+                logits_builder=defence.attacked(protocol), boundary_logits_builder=exact.attacked(protocol),
+                x_holdout=x_hold,
                 stochastic_fn=defence.sample_fn(defence.variables), return_adversarials=True)
             adv_logp, adv_scores = defence.predictive(row.pop("x_adv"), pred_key)
             study.correct[name, attack, protocol] = np.asarray(adv_logp).argmax(-1) == y[:n_a]
@@ -196,7 +214,8 @@ def attack_defence(defence, d_i, s, x, y, x_hold, key, study) -> None:
                        seed=FLAGS.seed, eps=s.eps if attack in ("fgsm", "blackbox") else None,
                        mc_samples=FLAGS.mc_samples if not deterministic else 1,
                        eot_samples=FLAGS.eot_samples if adaptive and not deterministic else 0,
-                       cw_confidence=cfg.cw_confidence if attack == "cw_l2" else None, same_as_single_pass=False)
+                       cw_confidence=cfg.cw_confidence if attack == "cw_l2" else None, same_as_single_pass=False,
+                       conv_impl=cli.attacked_kernels(attack, defence.model, defence.attack_model or defence.model))
             study.warnings[f"{name}/{protocol}"] = row["warnings"]
             study.rows.append(row)
             cli.say(f"  {name:9s} {protocol:8s} {attack:8s} n={row['n']:5d} clean {100 * row['accuracy']:6.2f}% "
@@ -278,14 +297,15 @@ def summary(rows, worst_case) -> list[str]:
     return lines
 
 
-def markdown(ds, rows, detection, eps, n_slow, n, seconds, worst_case=()) -> str:
+def markdown(ds, rows, detection, eps, n_slow, n, seconds, worst_case=(), conv=None) -> str:
     pct = lambda v: "—" if v is None else f"{100 * v:.2f}"  # noqa: E731
     defences = list(dict.fromkeys(r["defence"] for r in rows))
     lines = [f"# Uncertainty vs. attacks — {ds}", "",
              f"N = {n} test images (CW-L2 and JSMA: first {n_slow}); FGSM / black-box eps = {_eps(eps)}. "
              "`single_pass` = the original study's protocol (one stochastic pass per gradient / the mean logits); "
              "`adaptive` = EOT over the defence's randomness (CW-L2 with a confidence margin). Values in %. "
-             "Last column: adversarial accuracy when the attacker uses whichever protocol fools each example.", "",
+             "Last column: adversarial accuracy when the attacker uses whichever protocol fools each example."
+             + (cli.conv_note(conv, dict.fromkeys(r["attack"] for r in rows)) if conv else ""), "",
              "| defence | metric | original study | ours (single pass) | ours (adaptive) "
              "| ours (worst case, adv. acc.) |",
              "|---|---|---|---|---|---|"]

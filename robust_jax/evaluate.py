@@ -25,6 +25,11 @@ from robust_jax.models import logits_of
 from robust_jax.runner import run_attack
 
 ATTACKS = ("fgsm", "pgd", "cw_l2", "jsma", "blackbox")
+# Attacks that stop at the decision boundary: CW-L2's minimal perturbations (on the boundary at confidence 0) and
+# JSMA, which stops once its in-graph prediction is the target. A forward pass right at the boundary decides their
+# success, so they differentiate the model whose predictions are reported (``boundary_logits_builder`` of
+# evaluate_attacks), never one with other (e.g. bf16) kernels, whose rounding would pick the side they stop on.
+BOUNDARY_ATTACKS = ("cw_l2", "jsma")
 
 
 @dataclasses.dataclass
@@ -83,14 +88,18 @@ def evaluate_attacks(
     key,
     cfg: AttackConfig,
     logits_builder: Callable,
+    boundary_logits_builder: Callable | None = None,
     x_holdout=None,
     stochastic_fn: Callable | None = None,
     progress: bool = True,
     return_adversarials: bool = False,
 ) -> list[dict]:
     """Run `names` against the classifier. `predict(x) -> logits` (numpy, the defended prediction);
-    `logits_builder(variables) -> logits_fn` is what gradient attacks differentiate. Black-box needs `x_holdout`
-    (the attacker's small set, disjoint from x). `return_adversarials` adds each row's ``x_adv`` array."""
+    `logits_builder(variables) -> logits_fn` is what gradient attacks differentiate, and what the gradient-masking
+    diagnostics look at; `boundary_logits_builder` (default `logits_builder`) is what the :data:`BOUNDARY_ATTACKS`
+    differentiate: pass the logits of the model behind `predict` when `logits_builder` uses other convolution
+    kernels. Black-box needs `x_holdout` (the attacker's small set, disjoint from x). `return_adversarials` adds each
+    row's ``x_adv`` array."""
     x, y = np.asarray(x, np.float32), np.asarray(y)
     clean_logits = predict(x)
     clean_pred = clean_logits.argmax(-1)
@@ -107,7 +116,8 @@ def evaluate_attacks(
                                             rounds=cfg.blackbox_rounds, lam=cfg.blackbox_lam)
             extra = {"blackbox": {kk: v for kk, v in report.items() if np.isscalar(v) or isinstance(v, str)}}
         else:
-            fn = _attack_fn(name, cfg, logits_builder)
+            boundary = name in BOUNDARY_ATTACKS and boundary_logits_builder is not None
+            fn = _attack_fn(name, cfg, boundary_logits_builder if boundary else logits_builder)
             labels = y
             if name == "jsma":
                 target = random_targets(y, clean_logits.shape[-1], jax.random.fold_in(k, 99))
@@ -158,7 +168,11 @@ class Defence:
 
     ``kind``: ``"none"`` (the deterministic network), ``"epistemic"`` (MC-dropout: mean softmax over `mc_samples`
     dropout masks), ``"aleatoric"`` (a heteroscedastic head: mean softmax over `mc_samples` logit draws μ + σ·ε).
-    `model` is a :class:`robust_jax.checkpoints.Classifier` (anything with ``apply``, ``variables``, ``card``).
+    `model` is a :class:`robust_jax.checkpoints.Classifier` (anything with ``apply``, ``variables``, ``card``); its
+    forward passes give every reported number (the prediction, uncertainty scores, mean logits). `attack_model`, if
+    given, is the same network with other convolution kernels (e.g. ``model.for_use("attack")``, see
+    ``models.choose_conv_impl``) whose ``apply`` the attacks differentiate (:meth:`attacked`, :meth:`sample_fn`);
+    by default `model` itself.
     Protocols (:meth:`attacked`): ``"single_pass"`` (the protocol of a naive attacker, and of the study this
     project reproduces) attacks one stochastic pass per gradient step (a fresh dropout mask;
     the aleatoric head's mean logits μ); ``"adaptive"`` uses EOT over `eot_samples` masks / logit draws per step.
@@ -169,6 +183,7 @@ class Defence:
     model: object
     mc_samples: int = 20
     eot_samples: int = 8
+    attack_model: object = None
 
     def __post_init__(self):
         if self.kind not in DEFENCES:
@@ -187,9 +202,10 @@ class Defence:
     def variables(self):
         return self.model.variables
 
-    def sample_fn(self, variables):
-        """``(key, x) -> logits`` of one stochastic pass (None for the deterministic network)."""
-        apply = self.model.apply
+    def sample_fn(self, variables, *, attack: bool = False):
+        """``(key, x) -> logits`` of one stochastic pass (None for the deterministic network); through
+        `attack_model` if `attack`."""
+        apply = self._apply(attack)
         if self.kind == "epistemic":
             return uncertainty.mc_dropout_logits_fn(apply, variables)
         if self.kind == "aleatoric":
@@ -201,11 +217,14 @@ class Defence:
         stochastic)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
-        deterministic = lambda v: (lambda x: logits_of(self.model.apply(v, x)))
+        deterministic = lambda v: (lambda x: logits_of(self._apply(True)(v, x)))
         if self.kind == "none" or (self.kind == "aleatoric" and protocol == "single_pass"):
             return deterministic
         samples = 1 if protocol == "single_pass" else self.eot_samples
-        return lambda v: attacks.eot(self.sample_fn(v), samples)
+        return lambda v: attacks.eot(self.sample_fn(v, attack=True), samples)
+
+    def _apply(self, attack: bool):
+        return (self.attack_model if attack and self.attack_model is not None else self.model).apply
 
     def probs(self, variables, x, key):
         """(softmax samples (T, B, C), the head's log-variance (B, C) or None) of the defended prediction."""

@@ -20,14 +20,26 @@ these executables and every XLA backend compilation of the run (small helpers in
 **Resumption**: each finished cell is written atomically (temporary file + ``os.replace``) as
 ``<out>/cells/<key>.json``; the key is a SHA-256 of the cell's full configuration: checkpoint name, architecture and
 content hash (of ``variables.sha256``), attack and every parameter (defaults included), budget values, data slice,
-seed, effective batch size, and the library and JAX versions. A rerun skips cells whose file exists and holds the
-same configuration; changing anything makes a new key. A cell that fails is recorded in the summary and the sweep
-goes on (a rerun retries it).
+seed, effective batch size, the attack's convolution kernels (below), and the library and JAX versions. A rerun
+skips cells whose file exists and holds the same configuration; changing anything makes a new key. A cell that fails
+is recorded in the summary and the sweep goes on (a rerun retries it).
+
+**Kernels**: a cell's attack differentiates its checkpoint with the convolution kernels ``Cell.conv_impl`` (default
+``"auto"``: :func:`robust_jax.models.choose_conv_impl` for the attack's use on this host, e.g. ``"onednn_bf16"`` on
+a CPU with fast bf16 units and one device, ``"custom_vjp"`` on several devices); clean and robust accuracy (and a
+defence's prediction) always come from the f32 evaluation kernels of ``checkpoints.load`` (``"custom_vjp"``). A
+result computed with other attack kernels is another result, so the attack kernels are part of the key, as
+``config["conv_impl"]``, written only when they are not ``"custom_vjp"``, the kernels of every cell run before they
+were recorded: those cells keep their keys. ``autoattack`` resolves ``"auto"`` for ``use="eval"``
+(:attr:`AttackSpec.conv_use`): FAB's minimal perturbations and the in-graph success checks that decide which
+attack's output is kept sit on the decision boundary, where bf16 rounding would decide.
 
 **Determinism**: the PRNG key of batch ``b`` of a cell is ``fold_in(PRNGKey(seed), b)`` and JAX's random numbers do
 not depend on how an array is sharded, so a cell's result does not depend on the number of devices or processes
 as long as the effective batch size (``batch_size`` rounded up to a multiple of the device count; part of the key)
-is the same: choose a ``batch_size`` divisible by every device count you use (the defaults are).
+and the attack kernels (part of the key; ``"auto"`` depends on the device count) are the same: choose a
+``batch_size`` divisible by every device count you use (the defaults are), and pin ``conv_impl`` to compare runs on
+different device counts.
 
 Attacks (:data:`ATTACKS`; :func:`register_attack` adds one): ``fgsm`` and ``pgd`` sweep ``eps``; ``le_pgd`` sweeps
 ``lam`` at a fixed ``eps``; ``autoattack`` is the hook for :func:`robust_jax.attacks.autoattack` (``eps`` swept with
@@ -85,11 +97,15 @@ class AttackSpec:
     """``fn(logits_fn, x, y, *, key, values, indices, **params) -> x_adv`` with a leading axis of ``len(values)``.
 
     ``values`` is the traced 1-D array of budget values (named `budget`: ``"eps"`` or ``"lam"``); ``indices`` are
-    the examples' dataset positions (per-example keys); ``params`` are static (compiled in), `defaults` filled in."""
+    the examples' dataset positions (per-example keys); ``params`` are static (compiled in), `defaults` filled in.
+    `conv_use` (one of ``models.CONV_USES``) is the use a cell's ``conv_impl="auto"`` is resolved for: ``"attack"``
+    (input gradients: the fast kernels of the host), or ``"eval"`` for an attack whose outcome is decided by a
+    forward pass at the decision boundary (the f32 kernels whose predictions are reported)."""
 
     fn: Callable
     budget: str = "eps"
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    conv_use: str = "attack"
 
 
 def _fgsm(logits_fn, x, y, *, key, values, indices, **p):
@@ -125,13 +141,14 @@ ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(_fgsm),
     "pgd": AttackSpec(_pgd, defaults={"steps": 10, "rel_step_size": 0.25, "norm": "linf"}),
     "le_pgd": AttackSpec(_le_pgd, budget="lam", defaults={"steps": 30, "rel_step_size": 0.25}),
-    "autoattack": AttackSpec(_autoattack, defaults={"norm": "linf", "version": "standard"}),
+    "autoattack": AttackSpec(_autoattack, defaults={"norm": "linf", "version": "standard"}, conv_use="eval"),
 }
 
 
-def register_attack(name: str, fn: Callable, *, budget: str = "eps", defaults: Mapping | None = None) -> None:
-    """Add an attack for cells (e.g. from a config file); `fn` as in :class:`AttackSpec`."""
-    ATTACKS[name] = AttackSpec(fn, budget, dict(defaults or {}))
+def register_attack(name: str, fn: Callable, *, budget: str = "eps", defaults: Mapping | None = None,
+                    conv_use: str = "attack") -> None:
+    """Add an attack for cells (e.g. from a config file); `fn`, `budget` and `conv_use` as in :class:`AttackSpec`."""
+    ATTACKS[name] = AttackSpec(fn, budget, dict(defaults or {}), conv_use)
 
 
 # --------------------------------------------------------------------------------------------------- the grid
@@ -144,7 +161,11 @@ class Cell:
 
     `defence` (one of :data:`robust_jax.evaluate.DEFENCES`; empty: the plain network) attacks the checkpoint's
     :class:`robust_jax.evaluate.Defence` with `mc_samples` draws per defended prediction, under `protocol` (one of
-    :data:`robust_jax.evaluate.PROTOCOLS`, required with a defence) with `eot_samples` draws per adaptive step."""
+    :data:`robust_jax.evaluate.PROTOCOLS`, required with a defence) with `eot_samples` draws per adaptive step.
+
+    `conv_impl` (one of ``models.CONV_IMPLS``): the convolution kernels the attack differentiates, ``"auto"``
+    resolved for the attack's :attr:`AttackSpec.conv_use` on the running host (see the module docstring, "Kernels");
+    every reported prediction uses the f32 evaluation kernels."""
 
     checkpoint: str
     attack: str
@@ -160,6 +181,7 @@ class Cell:
     protocol: str = ""
     mc_samples: int = evaluate.Defence.__dataclass_fields__["mc_samples"].default
     eot_samples: int = evaluate.Defence.__dataclass_fields__["eot_samples"].default
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "values", tuple(float(v) for v in np.atleast_1d(np.asarray(self.values, float))))
@@ -237,15 +259,21 @@ class Plan:
     batch: int
     params: dict
     budget: str
+    conv_impl: str  # the attack's kernels (concrete)
 
     @property
     def n(self) -> int:
         return self.stop - self.start
 
 
+UNRECORDED_CONV_IMPL = "custom_vjp"
+"""The attack kernels of a configuration without ``"conv_impl"`` (every cell run before the kernels were recorded)."""
+
+
 def plan(index: int, cell: Cell, devices: int) -> Plan:
     """Resolve `cell`: read its checkpoint's card and content hash (not the weights), fill in the attack's default
-    parameters, and derive its key. Raises for an unknown checkpoint, attack or split."""
+    parameters, resolve its attack kernels (``models.resolve_conv_impl`` for the attack's ``conv_use``), and derive
+    its key. Raises for an unknown checkpoint, attack, split or ``conv_impl``."""
     if cell.attack not in ATTACKS:
         raise ValueError(f"unknown attack {cell.attack!r}; known: {sorted(ATTACKS)} (sweep.register_attack adds one)")
     spec = ATTACKS[cell.attack]
@@ -255,6 +283,7 @@ def plan(index: int, cell: Cell, devices: int) -> Plan:
     params = {**spec.defaults, **cell.params}
     batch = effective_batch(cell.batch_size, stop - start, devices)
     defence = _defence_config(cell, card)
+    conv_impl = models.resolve_conv_impl(cell.conv_impl, spec.conv_use)
     config = {
         "format": FORMAT,
         "checkpoint": cell.checkpoint,
@@ -272,8 +301,10 @@ def plan(index: int, cell: Cell, devices: int) -> Plan:
     }
     if defence is not None:  # only in defended cells: a plain cell keeps the key it always had
         config["defence"] = defence
+    if conv_impl != UNRECORDED_CONV_IMPL:  # only with other kernels: a custom_vjp cell keeps the key it always had
+        config["conv_impl"] = conv_impl
     key = hashlib.sha256(canonical(config).encode()).hexdigest()[:24]
-    return Plan(index, cell, key, config, dataset, base, start, stop, batch, params, spec.budget)
+    return Plan(index, cell, key, config, dataset, base, start, stop, batch, params, spec.budget, conv_impl)
 
 
 def _defence_config(cell: Cell, card: dict) -> dict | None:
@@ -444,32 +475,36 @@ class Runner:
             out.append((x, y, idx))
         return out
 
-    # -- compilation: one executable per (architecture, attack + params, #values, batch shape, mesh, defence)
+    # -- compilation: one executable per (architecture, attack + params, #values, batch shape, mesh, defence, kernels)
     def executable(self, p: Plan, classifier, variables) -> tuple[_Compiled, bool]:
-        """`classifier`: the loaded :class:`robust_jax.checkpoints.Classifier` (its module and card; the weights
-        are an argument of the executable)."""
+        """`classifier`: the loaded :class:`robust_jax.checkpoints.Classifier` with the evaluation kernels (its module
+        and card; the weights are an argument of the executable): it scores the clean and attacked inputs, while the
+        attack differentiates ``classifier.for_use(..., p.conv_impl)`` (the same weights)."""
         shape = tuple(data_lib.info(p.dataset).image_shape)
         defence = p.config.get("defence")
         desc = canonical({"architecture": p.config["architecture"], "attack": p.cell.attack, "params": p.params,
                           "values": len(p.cell.values), "batch": [p.batch, *shape],
-                          "mesh": [d.id for d in self.mesh.devices.flat],
+                          "mesh": [d.id for d in self.mesh.devices.flat], "conv_impl": p.conv_impl,
                           **({"defence": defence} if defence else {})})
         ck = hashlib.sha256(desc.encode()).hexdigest()[:16]
         if ck in self.compiled:
             return self.compiled[ck], False
         spec, params, model = ATTACKS[p.cell.attack], dict(p.params), classifier.model
+        attacked = classifier.for_use(spec.conv_use, p.conv_impl)
 
         def plain_fn(variables, x8, y, idx, seed_chunk, values):
             x = x8.astype(jnp.float32) / 255.0
             logits_fn = lambda z: models.logits_of(model.apply(variables, z))
+            attack_fn = lambda z: models.logits_of(attacked.apply(variables, z))
             key = batch_key(seed_chunk[0], seed_chunk[1])
             clean = jnp.argmax(logits_fn(x), -1) == y
-            x_adv = spec.fn(logits_fn, x, y, key=key, values=values, indices=idx, **params)
+            x_adv = spec.fn(attack_fn, x, y, key=key, values=values, indices=idx, **params)
             robust = jax.vmap(lambda xa: jnp.argmax(logits_fn(xa), -1) == y)(x_adv)
             return clean, robust
 
         def defended_fn(variables, x8, y, idx, seed_chunk, values):
-            d = evaluate.Defence(defence["kind"], classifier, defence["mc_samples"], defence["eot_samples"])
+            d = evaluate.Defence(defence["kind"], classifier, defence["mc_samples"], defence["eot_samples"],
+                                 attack_model=attacked)
             x = x8.astype(jnp.float32) / 255.0
             key = batch_key(seed_chunk[0], seed_chunk[1])
             k_pred = prediction_key(key)  # the same draws for the clean input and every budget value
@@ -546,22 +581,26 @@ def _error(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------ the table
 COLUMNS = ("sweep", "cell", "group", "label", "key", "checkpoint", "architecture", "dataset", "data", "attack",
-           "defence", "protocol", "mc_samples", "eot_samples", "params", "budget", "value", "seed", "batch_size", "n",
-           "clean_correct", "clean_accuracy", "robust_correct", "robust_accuracy", "ci_low", "ci_high", "seconds",
-           "compile_seconds", "devices", "processes", "status")
+           "defence", "protocol", "mc_samples", "eot_samples", "conv_impl", "params", "budget", "value", "seed",
+           "batch_size", "n", "clean_correct", "clean_accuracy", "robust_correct", "robust_accuracy", "ci_low",
+           "ci_high", "seconds", "compile_seconds", "devices", "processes", "status")
 # Columns that describe how and when a cell ran, not what it computed (they differ between equal runs).
 RUN_COLUMNS = ("seconds", "compile_seconds", "devices", "processes", "status")
 
 
 def rows_of(sweep_name: str, p: Plan, rec: dict, status: str) -> list[dict]:
     """The table rows of a finished cell, one per budget value. Columns `defence`, `protocol`, `mc_samples` and
-    `eot_samples` are empty for a plain cell (the network's own prediction, attacked directly)."""
+    `eot_samples` are empty for a plain cell (the network's own prediction, attacked directly); `conv_impl` is the
+    kernels the attack differentiated (:data:`UNRECORDED_CONV_IMPL` for a configuration without them), named in the
+    default label unless they are those."""
     res, cfg = rec["result"], rec["config"]
     d = cfg["data"]
     arch = cfg["architecture"]
     n = res["n"]
     defence = cfg.get("defence") or {}
-    label = p.cell.checkpoint + (f" {defence['kind']} ({defence['protocol']})" if defence else "")
+    conv_impl = cfg.get("conv_impl", UNRECORDED_CONV_IMPL)
+    label = (p.cell.checkpoint + (f" {defence['kind']} ({defence['protocol']})" if defence else "")
+             + (f" [{conv_impl}]" if conv_impl != UNRECORDED_CONV_IMPL else ""))
     out = []
     for v, k in zip(cfg["values"], res["robust_correct"]):
         lo, hi = wilson(k, n)
@@ -573,7 +612,8 @@ def rows_of(sweep_name: str, p: Plan, rec: dict, status: str) -> list[dict]:
             "dataset": d["dataset"], "data": f"{d['split']}[{d['start']}:{d['stop']}]", "attack": cfg["attack"],
             "defence": defence.get("kind", ""), "protocol": defence.get("protocol", ""),
             "mc_samples": defence.get("mc_samples"), "eot_samples": defence.get("eot_samples"),
-            "params": canonical(cfg["params"]), "budget": cfg["budget"], "value": v, "seed": cfg["seed"],
+            "conv_impl": conv_impl, "params": canonical(cfg["params"]),
+            "budget": cfg["budget"], "value": v, "seed": cfg["seed"],
             "batch_size": cfg["batch_size"], "n": n, "clean_correct": res["clean_correct"],
             "clean_accuracy": res["clean_correct"] / n, "robust_correct": k, "robust_accuracy": k / n,
             "ci_low": lo, "ci_high": hi, "seconds": rec["timing"]["seconds"],
@@ -718,7 +758,8 @@ def run(sweep: Sweep, out_dir, *, runner: Runner | None = None, data_dir=None, p
         for p in todo:
             defence = p.config.get("defence")
             desc = (f"{p.cell.checkpoint} {p.cell.attack} {p.budget}×{len(p.cell.values)}"
-                    + (f" {defence['kind']}/{defence['protocol']}" if defence else ""))
+                    + (f" {defence['kind']}/{defence['protocol']}" if defence else "")
+                    + (f" [{p.conv_impl}]" if p.conv_impl != UNRECORDED_CONV_IMPL else ""))
             inner = tqdm(total=p.n, desc=desc[:60], unit="img", disable=not runner.progress, position=1,
                          leave=False, dynamic_ncols=True)
             try:

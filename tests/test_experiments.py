@@ -26,7 +26,7 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
          "--num_val=24", "--mc_num_examples=8", "--mc_samples=2", "--conv_impl=xla", "--apgd_lams=3",
          "--apgd_steps=3", f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["config"]["conv_impl"] == "xla"
+    assert r["config"]["conv_impl"] == {"eval": "custom_vjp", "attack": "xla"}
     assert [row["steps"] for row in r["energy_vs_steps"]] == [0, 1, 2]
     assert [row["attack"] for row in r["detector_table"]] == ["pgd1", "pgd2", "pgd2_big"]
     for row in r["detector_table"]:
@@ -55,14 +55,18 @@ def test_energy_detection_end_to_end(tmp_path, need_checkpoint, real_data):
 def test_robustness_cli_end_to_end(tmp_path, need_checkpoint, real_data):
     need_checkpoint("mnist_basic_cnn")
     real_data("mnist")
-    _run("experiments.robustness", "--attacks=fgsm,pgd", "--num_examples=16", "--pgd_steps=3", "--batch_size=16",
-         f"--out_dir={tmp_path}")
+    _run("experiments.robustness", "--attacks=fgsm,pgd,jsma", "--num_examples=16", "--pgd_steps=3",
+         "--batch_size=16", "--conv_impl=xla", f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
-    assert [row["attack"] for row in r["rows"]] == ["fgsm", "pgd"]
-    for row in r["rows"]:
+    assert [row["attack"] for row in r["rows"]] == ["fgsm", "pgd", "jsma"]
+    for row in r["rows"][:2]:
         assert 0 <= row["adversarial_accuracy"] <= row["accuracy"] <= 1
         assert row["mean_linf"] <= 0.3 + 1e-6
-    assert "| fgsm |" in (tmp_path / "results.md").read_text()
+    # the attack kernels differentiated by FGSM / PGD; JSMA stops at the decision boundary: the evaluation kernels
+    assert r["conv_impl"] == {"eval": "custom_vjp", "attack": "xla"}
+    assert [row["conv_impl"] for row in r["rows"]] == ["xla", "xla", "custom_vjp"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| fgsm |" in md and "attack gradients `xla`" in md
 
 
 @pytest.mark.slow
@@ -73,8 +77,11 @@ def test_uncertainty_robustness_end_to_end(tmp_path, need_checkpoint, real_data)
     _run("experiments.uncertainty_robustness", "--dataset=mnist", "--attacks=fgsm,cw_l2,jsma,blackbox",
          "--num_examples=16", "--num_examples_slow=8", "--mc_samples=4", "--eot_samples=2", "--cw_steps=5",
          "--cw_binary_search_steps=1", "--blackbox_rounds=1", "--eps_sweep=0,0.3", "--batch_size=16",
-         f"--out_dir={tmp_path}")
+         "--conv_impl=xla", f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["conv_impl"] == {"eval": "custom_vjp", "attack": "xla"}
+    kernels = {"fgsm": "xla", "cw_l2": "custom_vjp", "jsma": "custom_vjp", "blackbox": None}
+    assert all(row["conv_impl"] == kernels[row["attack"]] for row in r["rows"])
     keys = {"dataset", "defence", "attack", "protocol", "accuracy", "adversarial_accuracy", "fooling_rate", "eps", "n",
             "seed"}
     combos = set()
@@ -102,9 +109,11 @@ def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
     real_data("cifar10")
     args = ["--models=eps0,pgd", "--transform=rotation,noise", "--num_examples=12", "--k=2", "--pgd_steps=2",
             "--curve_eps=2/255", "--batch_size=12", f"--out_dir={tmp_path}"]
-    _run("experiments.tradeoff", *args)
+    _run("experiments.tradeoff", *args, "--conv_impl=xla")
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["conv_impl"] == {"eval": "custom_vjp", "attack": "xla"}
     e = r["models"]["eps0"]["evals"]
+    assert e["pgd2_eps0.03137"]["conv_impl"] == e["pgd2_eps0.00784"]["conv_impl"] == "xla"
     assert {"clean", "rotation_worst_of_2", "rotation_severities", "noise_worst_of_2", "noise_severities"} <= set(e)
     assert e["rotation_worst_of_2"]["accuracy"] <= e["rotation_worst_of_2"]["mean_accuracy"]
     # PGD at the main budget (8/255) and at the curve budget (2/255): the larger ball is at least as strong
@@ -121,16 +130,21 @@ def test_tradeoff_end_to_end_and_resume(tmp_path, need_checkpoint, real_data):
     # a rerun with one more family only computes that family (the cached entries are reused unchanged)
     cached = json.loads((tmp_path / "evals" / "eps0.json").read_text())["evals"]
     # (and --grid adds Engstrom's exhaustive grid, which contains the identity: never above clean accuracy)
-    _run("experiments.tradeoff", "--grid", *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur"
-                                             for a in args])
+    _run("experiments.tradeoff", "--grid", "--conv_impl=xla",
+         *[a if not a.startswith("--transform") else "--transform=rotation,noise,blur" for a in args])
     again = json.loads((tmp_path / "evals" / "eps0.json").read_text())["evals"]
     assert again["rotation_worst_of_2"] == cached["rotation_worst_of_2"] and "blur_worst_of_2" in again
     assert again["pgd2_eps0.00784"] == cached["pgd2_eps0.00784"]
     assert again["rotation_translation_grid"]["shape"] == [31, 5, 5]
     assert again["rotation_translation_grid"]["accuracy"] <= again["clean"]
-    # a later run without --grid keeps the cached grid column in the table
-    _run("experiments.tradeoff", *args)
+    # a later run without --grid keeps the cached grid column in the table; with other attack kernels it recomputes
+    # the PGD entries only
+    _run("experiments.tradeoff", *args, "--conv_impl=custom_vjp")
     assert "rot+trans grid" in (tmp_path / "results.md").read_text()
+    last = json.loads((tmp_path / "evals" / "eps0.json").read_text())["evals"]
+    assert last["pgd2_eps0.00784"]["conv_impl"] == "custom_vjp" and last["pgd2_eps0.00784"] != again["pgd2_eps0.00784"]
+    assert {k: v for k, v in last.items() if not k.startswith("pgd")} == {k: v for k, v in again.items()
+                                                                          if not k.startswith("pgd")}
 
 
 @pytest.mark.slow
@@ -138,20 +152,24 @@ def test_calibration_end_to_end(tmp_path, need_checkpoint, real_data):
     need_checkpoint("cifar10_resnet10")
     real_data("cifar10")
     _run("experiments.calibration", "--models=standard", "--perturbations=clean,pgd_2,rotation,noise_0.1",
-         "--num_examples=20", "--num_val=40", "--batch_size=20", f"--out_dir={tmp_path}")
+         "--num_examples=20", "--num_val=40", "--batch_size=20", "--conv_impl=xla", f"--out_dir={tmp_path}")
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["conv_impl"] == {"eval": "custom_vjp", "attack": "xla"}
     row = r["results"]["standard"]
+    assert row["pgd_2"]["conv_impl"] == "xla" and "conv_impl" not in row["rotation"]
     assert list(row) == ["clean", "pgd_2", "rotation", "noise_0.1"]
     for v in row.values():
         assert 0 <= v["ece"] <= 1 and 0 <= v["ece_temperature_scaled"] <= 1
     assert row["pgd_2"]["accuracy"] <= row["clean"]["accuracy"]
     assert 0.5 <= r["temperatures"]["standard"] <= 3.0
     assert (tmp_path / "reliability.png").stat().st_size > 0
-    # a rerun with one more perturbation reuses the cached rows (same key per perturbation name)
-    _run("experiments.calibration", "--models=standard", "--perturbations=rotation,blur",
-         "--num_examples=20", "--num_val=40", "--batch_size=20", f"--out_dir={tmp_path}")
+    # a rerun with one more perturbation reuses the cached rows (same key per perturbation name), but PGD only with
+    # the attack kernels it was computed with
+    _run("experiments.calibration", "--models=standard", "--perturbations=rotation,blur,pgd_2",
+         "--num_examples=20", "--num_val=40", "--batch_size=20", "--conv_impl=custom_vjp", f"--out_dir={tmp_path}")
     again = json.loads((tmp_path / "results.json").read_text())["results"]["standard"]
-    assert list(again) == ["rotation", "blur"] and again["rotation"] == row["rotation"]
+    assert list(again) == ["rotation", "blur", "pgd_2"] and again["rotation"] == row["rotation"]
+    assert again["pgd_2"]["conv_impl"] == "custom_vjp"
 
 
 def test_calibration_verdicts_count_per_perturbation():

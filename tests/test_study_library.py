@@ -1,6 +1,7 @@
 """Library code moved out of the experiment scripts: the defended model (evaluate.Defence), the energy detector's
 report, temperature scaling and the calibration / detection reports (metrics)."""
 
+import functools
 import types
 
 import jax
@@ -13,8 +14,8 @@ from robust_jax import attacks, energy, evaluate, metrics, models, uncertainty
 KEY = jax.random.PRNGKey(0)
 
 
-def _net(hetero=False):
-    m = models.BasicCNN(dropout_rate=0.5, hetero=hetero)
+def _net(hetero=False, dropout_rate=0.5):
+    m = models.BasicCNN(dropout_rate=dropout_rate, hetero=hetero)
     x = jax.random.uniform(jax.random.PRNGKey(1), (6, 28, 28, 1))
     v = m.init({"params": KEY, "dropout": KEY}, x[:1])
     card = {"name": "toy", "architecture": {"hetero": hetero}}
@@ -67,6 +68,64 @@ def test_aleatoric_defence_needs_a_heteroscedastic_head():
     assert logp.shape == (len(x), 10) and "aleatoric_variance" in scores
     mu = het.apply(het.variables, x)[0]  # the single-pass protocol attacks the mean logits
     np.testing.assert_allclose(d.attacked("single_pass")(het.variables)(x), mu, rtol=1e-6)
+
+
+def _negated(net):
+    """The same network with other "kernels": its logits negated (an attack through it goes the other way)."""
+    neg = lambda v, x, **kw: jax.tree.map(jnp.negative, net.apply(v, x, **kw))  # noqa: E731
+    return types.SimpleNamespace(apply=neg, variables=net.variables, card=net.card)
+
+
+@pytest.mark.parametrize("kind", ["none", "epistemic"])
+def test_defence_attacks_differentiate_the_attack_model(kind):
+    """With `attack_model`, every attack protocol and ``sample_fn(attack=True)`` go through it; the prediction, the
+    uncertainty scores and the mean logits stay the model's."""
+    net, x = _net(dropout_rate=0.25)  # the dense dropout is twice that: at 0.5 every unit is dropped, logits all 0
+    neg = _negated(net)
+    d = evaluate.Defence(kind, net, mc_samples=3, eot_samples=2, attack_model=neg)
+    attack_ref = evaluate.Defence(kind, neg, mc_samples=3, eot_samples=2)  # the attack model throughout
+    plain = evaluate.Defence(kind, net, mc_samples=3, eot_samples=2)
+    v = net.variables
+    # what an attack differentiates: the deterministic logits, or one draw of an EOT's stochastic model
+    logits = lambda f: f.fn(KEY, x) if isinstance(f, attacks.EOT) else f(x)  # noqa: E731
+    for protocol in evaluate.PROTOCOLS:
+        got = logits(d.attacked(protocol)(v))
+        np.testing.assert_allclose(got, logits(attack_ref.attacked(protocol)(v)), rtol=1e-6)
+        assert not np.allclose(got, logits(plain.attacked(protocol)(v)))
+    for a, b in zip(d.predictive(np.asarray(x), KEY, batch_size=4), plain.predictive(np.asarray(x), KEY, batch_size=4)):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(d.mean_logits(v, x, KEY), plain.mean_logits(v, x, KEY))
+    if kind == "epistemic":
+        np.testing.assert_array_equal(d.sample_fn(v)(KEY, x), plain.sample_fn(v)(KEY, x))
+        np.testing.assert_allclose(d.sample_fn(v, attack=True)(KEY, x), -plain.sample_fn(v)(KEY, x), rtol=1e-6)
+
+
+def test_boundary_attacks_differentiate_the_reported_model():
+    """evaluate_attacks: FGSM / PGD (and the gradient-masking diagnostics) differentiate `logits_builder`, CW-L2 (a
+    boundary attack, as JSMA) `boundary_logits_builder` (default: `logits_builder`); every prediction is
+    `predict`'s."""
+    net, x = _net()
+    x = np.asarray(x)
+    y = np.asarray(net.apply(net.variables, x)).argmax(-1)
+    log = []
+    spy = lambda tag, apply: (lambda v: (log.append(tag), functools.partial(apply, v))[1])  # noqa: E731
+
+    def predict(z):
+        log.append("predict")
+        return np.asarray(net.apply(net.variables, z))
+
+    cfg = evaluate.AttackConfig(eps=0.1, pgd_steps=1, cw_steps=1, cw_binary_search_steps=1, batch_size=6)
+    names = ["fgsm", "cw_l2", "pgd"]
+    rows = evaluate.evaluate_attacks(names, predict, net.variables, x, y, key=KEY, cfg=cfg, progress=False,
+                                     logits_builder=spy("attack", _negated(net).apply),
+                                     boundary_logits_builder=spy("eval", net.apply))
+    # the clean prediction, each attack's trace and its prediction, then the diagnostics
+    assert log == ["predict", "attack", "predict", "eval", "predict", "attack", "predict", "attack"]
+    assert [r["attack"] for r in rows] == names and all(r["accuracy"] == 1.0 for r in rows)
+    log.clear()
+    evaluate.evaluate_attacks(["cw_l2"], predict, net.variables, x, y, key=KEY, cfg=cfg, progress=False,
+                              logits_builder=spy("attack", net.apply))
+    assert log == ["predict", "attack", "predict", "attack"]
 
 
 def test_energy_detector_report_applies_the_fitted_detector():

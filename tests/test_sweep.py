@@ -8,6 +8,9 @@ cells are also checked against the Defence and the attack called directly on the
 """
 
 import csv
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import signal
@@ -39,7 +42,10 @@ def _env(devices: int | None = None) -> dict:
 
 
 def _cmd(out, *extra):
-    return [sys.executable, "-m", "experiments.sweep", f"--config={TINY}", f"--out_dir={out}", "--noprogress", *extra]
+    # kernels pinned: "auto" depends on the device count (oneDNN bf16 on one device of a CPU with fast bf16 units,
+    # custom_vjp on several), and these runs compare tables across device counts
+    return [sys.executable, "-m", "experiments.sweep", f"--config={TINY}", f"--out_dir={out}", "--noprogress",
+            "--conv_impl=custom_vjp", *extra]
 
 
 def _run(out, *extra, devices=None, timeout=900):
@@ -107,10 +113,8 @@ def test_key_covers_the_full_config(needs_tiny):
     variants = [
         dict(params={"steps": 4}), dict(params={"steps": 3, "rel_step_size": 0.5}), dict(values=[0.1]),
         dict(values=[0.1, 0.2]), dict(seed=1), dict(n=16), dict(split="test[100:]"), dict(batch_size=8),
-        dict(attack="fgsm", params={}), dict(checkpoint="mnist_basic_cnn_hetero"),
+        dict(attack="fgsm", params={}), dict(checkpoint="mnist_basic_cnn_hetero"), dict(conv_impl="xla"),
     ]
-    import dataclasses
-
     keys = {sweep.plan(0, dataclasses.replace(base, **v), 1).key for v in variants}
     assert len(keys) == len(variants) and key not in keys
     # batch 16 on 3 devices runs as 18: another computation, another key
@@ -136,8 +140,6 @@ def test_key_follows_checkpoint_content(tmp_path, monkeypatch, needs_tiny):
 
 
 def test_defence_is_part_of_the_key(needs_tiny):
-    import dataclasses
-
     plain = sweep.Cell("mnist_basic_cnn", "fgsm", [0.1, 0.3], n=32, batch_size=16)
     assert "defence" not in sweep.plan(0, plain, 1).config  # plain cells keep their keys (committed results stay valid)
     base = dataclasses.replace(plain, defence="epistemic", protocol=ADAPTIVE, mc_samples=4, eot_samples=2)
@@ -157,6 +159,113 @@ def test_defence_is_part_of_the_key(needs_tiny):
         dataclasses.replace(plain, protocol=ADAPTIVE)
     with pytest.raises(ValueError, match="mc_samples"):
         dataclasses.replace(base, mc_samples=0)
+
+
+def test_attack_kernels_are_part_of_the_key(monkeypatch, needs_tiny):
+    """A cell's attack kernels are in its key, written only when they are not custom_vjp (whose keys are those of
+    every cell run before the kernels were recorded); "auto" is the host's choice for the attack's use (AutoAttack:
+    the evaluation kernels); the table and the default label name them."""
+    from robust_jax import models
+
+    cell = sweep.Cell("mnist_basic_cnn", "pgd", [0.1], params={"steps": 3}, n=32, batch_size=16)
+    legacy = sweep.plan(0, dataclasses.replace(cell, conv_impl="custom_vjp"), 1)
+    assert "conv_impl" not in legacy.config and legacy.conv_impl == "custom_vjp"
+    assert legacy.key == hashlib.sha256(sweep.canonical(legacy.config).encode()).hexdigest()[:24]
+    other = {impl: sweep.plan(0, dataclasses.replace(cell, conv_impl=impl), 1) for impl in ("xla", "onednn_bf16")}
+    for impl, p in other.items():
+        assert p.config["conv_impl"] == impl == p.conv_impl
+        assert {k: v for k, v in p.config.items() if k != "conv_impl"} == legacy.config
+    assert len({legacy.key, *(p.key for p in other.values())}) == 3
+    host = {"attack": "onednn_bf16"}  # a CPU with fast bf16 units and one device
+    monkeypatch.setattr(models, "host_conv_impl", lambda use: host.get(use, "custom_vjp"))
+    assert sweep.plan(0, cell, 1).key == other["onednn_bf16"].key
+    aa = sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], n=32, batch_size=16)
+    assert sweep.plan(0, aa, 1).conv_impl == "custom_vjp" and "conv_impl" not in sweep.plan(0, aa, 1).config
+    assert sweep.plan(0, dataclasses.replace(aa, conv_impl="onednn_bf16"), 1).conv_impl == "onednn_bf16"
+    host.clear()  # e.g. several devices, or no bf16 units: auto is custom_vjp, the key the one it always was
+    assert sweep.plan(0, cell, 1).key == legacy.key
+    with pytest.raises(ValueError, match="conv_impl"):
+        sweep.plan(0, dataclasses.replace(cell, conv_impl="cudnn"), 1)
+    rec = {"config": other["xla"].config, "result": {"n": 32, "clean_correct": 30, "robust_correct": [10]},
+           "timing": {"seconds": 1.0, "compile_seconds": 0.0}, "run": {"devices": 1, "processes": 1}}
+    (row,) = sweep.rows_of("s", other["xla"], rec, "ran")
+    assert row["conv_impl"] == "xla" and row["label"] == "mnist_basic_cnn [xla]" and tuple(row) == sweep.COLUMNS
+    (row,) = sweep.rows_of("s", legacy, {**rec, "config": legacy.config}, "ran")
+    assert row["conv_impl"] == "custom_vjp" and row["label"] == "mnist_basic_cnn"
+
+
+def test_committed_cells_keep_their_keys(needs_tiny):
+    """The cells under results/sweeps/ (computed with custom_vjp kernels, before the kernels were recorded) have the
+    keys of their configurations, and a cell of that configuration with ``conv_impl="custom_vjp"`` has the same key:
+    a rerun with ``--conv_impl=custom_vjp`` reuses them."""
+    import jax
+
+    import robust_jax
+    from robust_jax import checkpoints
+
+    files = sorted((ROOT / "results" / "sweeps").glob("*/cells/*.json"))
+    if not files:
+        pytest.skip("no committed sweep results")
+    replanned = 0
+    for f in files:
+        rec = json.loads(f.read_text())
+        cfg = rec["config"]
+        assert "conv_impl" not in cfg, f
+        assert hashlib.sha256(sweep.canonical(cfg).encode()).hexdigest()[:24] == rec["key"] == f.stem, f
+        if ((cfg["jax"], cfg["robust_jax"]) != (jax.__version__, robust_jax.__version__)
+                or cfg["checkpoint"] not in checkpoints.available()
+                or sweep.checkpoint_digest(cfg["checkpoint"]) != cfg["checkpoint_sha256"]):
+            continue  # another version or other weights: another key whatever the kernels
+        d, dfc = cfg["data"], cfg.get("defence") or {}
+        samples = {"mc_samples": dfc["mc_samples"], "eot_samples": dfc["eot_samples"]} if dfc else {}
+        cell = sweep.Cell(cfg["checkpoint"], cfg["attack"], cfg["values"], params=cfg["params"], seed=cfg["seed"],
+                          n=d["stop"] - d["start"], split=f"{d['split']}[{d['start']}:]", batch_size=cfg["batch_size"],
+                          defence=dfc.get("kind", ""), protocol=dfc.get("protocol", ""), conv_impl="custom_vjp",
+                          **samples)
+        p = sweep.plan(0, cell, 1)
+        assert p.config == cfg and p.key == rec["key"], f
+        replanned += 1
+    if not replanned:
+        pytest.skip("the committed cells were computed with another JAX or library version, or other weights")
+
+
+def test_cells_differentiate_the_attack_kernels_and_score_with_the_eval_kernels(tmp_path, monkeypatch, needs_tiny):
+    """With an attack model whose logits are negated (``Classifier.for_use`` patched), a plain and a defended cell
+    give the FGSM of the negated network scored by the real one, per example; the clean bits are the real one's."""
+    import types
+
+    import jax
+
+    from robust_jax import attacks, checkpoints, data
+
+    def negated(self, use, conv_impl="auto"):
+        neg = lambda v, x, **kw: -self.model.apply(v, x, **kw)  # noqa: E731
+        return types.SimpleNamespace(apply=neg, model=self.model, variables=self.variables, card=self.card)
+
+    monkeypatch.setattr(checkpoints.Classifier, "for_use", negated)
+    n, eps = 16, 0.2
+    plain = sweep.Cell("mnist_basic_cnn", "fgsm", [eps], n=n, batch_size=n, conv_impl="custom_vjp")
+    cells = [plain, dataclasses.replace(plain, defence="none", protocol=ONE_PASS)]
+    summary = sweep.run(sweep.Sweep("kernels", cells), tmp_path, progress=False, log=lambda m: None, figures_=False)
+    assert sorted(summary["ran"]) == [0, 1] and not summary["failed"]
+    m = checkpoints.load("mnist_basic_cnn")
+    x8, y = data.load("mnist", f"test[0:{n}]", cache=False)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def direct(variables, xb, key, sign):
+        logits = lambda z: m.apply(variables, z)  # noqa: E731
+        xa = attacks.fgsm(lambda z: sign * logits(z), xb, y, key=key, eps=eps)
+        return jax.numpy.argmax(logits(xb), -1) == y, jax.numpy.argmax(logits(xa), -1) == y
+
+    x = x8.astype(np.float32) / 255.0
+    clean, robust = (np.asarray(a) for a in direct(m.variables, x, sweep.batch_key(0, 0), -1.0))
+    assert not np.array_equal(robust, np.asarray(direct(m.variables, x, sweep.batch_key(0, 0), 1.0)[1]))
+    rows = _table(tmp_path)
+    assert len(rows) == 2
+    for r in rows:
+        rec = json.loads((tmp_path / "cells" / f"{r['key']}.json").read_text())["result"]
+        assert np.array_equal(sweep.unbits(rec["clean_bits"], n), clean), r["cell"]
+        assert np.array_equal(sweep.unbits(rec["robust_bits"][0], n), robust), r["cell"]
 
 
 def test_finished_cells_are_reused_only_with_the_same_config(tmp_path, needs_tiny):
@@ -395,12 +504,10 @@ def test_autoattack_hook(tmp_path, needs_tiny):
 
 @pytest.mark.slow
 def test_defended_cells_equal_direct_calls(tmp_path, needs_tiny):
-    """A defended cell is its Defence attacked and evaluated directly (``Defence.attacked(protocol)`` given to the
-    attack with the batch key, each eps on its own; the defended prediction ``Defence.probs`` with
-    ``sweep.prediction_key`` of it), per example, for every batch; another seed gives other draws and another result;
-    the deterministic network under either protocol is the plain cell."""
-    import dataclasses
-
+    """A defended cell is its Defence attacked and evaluated directly (``Defence.attacked(protocol)``, through the
+    cell's attack kernels, given to the attack with the batch key, each eps on its own; the defended prediction
+    ``Defence.probs`` with ``sweep.prediction_key`` of it), per example, for every batch; another seed gives other
+    draws and another result; the deterministic network under either protocol is the plain cell."""
     import jax
 
     from robust_jax import attacks, checkpoints, data
@@ -434,7 +541,8 @@ def test_defended_cells_equal_direct_calls(tmp_path, needs_tiny):
 
     def direct(cell):
         m = models[cell.checkpoint]
-        d = evaluate.Defence(cell.defence or "none", m, cell.mc_samples, cell.eot_samples)
+        d = evaluate.Defence(cell.defence or "none", m, cell.mc_samples, cell.eot_samples,
+                             attack_model=m.for_use("attack", cell.conv_impl))
 
         @jax.jit
         def batch(variables, xb, yb, key):
