@@ -11,7 +11,7 @@ Rerunning continues a killed sweep with its unfinished cells (see :mod:`robust_j
 cell failed (the others are written).
 
 Kernels: each cell's attack differentiates its checkpoint with the cell's ``conv_impl`` (default ``auto``: the fast
-attack kernels of the host, e.g. ``onednn_bf16`` on a CPU with fast bf16 units and one device); robust accuracy is
+attack kernels of the host, e.g. ``onednn_bf16`` on a CPU with fast bf16 units); robust accuracy is
 always computed with the f32 evaluation kernels. The attack kernels are part of a cell's key; ``--conv_impl``
 overrides them for every cell (``--conv_impl=custom_vjp`` reuses the results written before the kernels were
 recorded, e.g. those committed under results/sweeps/).
@@ -43,7 +43,7 @@ flags.DEFINE_integer("num_examples", None, "override every cell's N (new cell ke
 flags.DEFINE_list("checkpoints", None, "run only the cells of these checkpoints", allow_override=True)
 flags.DEFINE_enum("conv_impl", None, CONV_IMPLS, "override every cell's conv_impl: the convolution kernels its attack "
                   "differentiates (default: each cell's own, auto unless the config sets one: models.choose_conv_impl "
-                  "for the attack's use, e.g. onednn_bf16 on CPUs with fast bf16 units and one device); custom_vjp "
+                  "for the attack's use, e.g. onednn_bf16 on CPUs with fast bf16 units); custom_vjp "
                   "gives the keys of the results written before the kernels were recorded. Robust accuracy is always "
                   "computed with the f32 evaluation kernels (custom_vjp). A new kernel choice is a new cell key",
                   allow_override=True)

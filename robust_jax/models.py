@@ -68,13 +68,14 @@ def choose_conv_impl(use: str, *, backend: str, cpu_vendor: str = "", cpu_flags=
     - ``"eval"``: ``"custom_vjp"`` everywhere. Forward passes whose numbers are reported (clean accuracy on a card,
       ECE / calibration, detector scores) stay on the f32 kernels they were measured with, so they do not move.
     - ``"attack"`` (input gradients) and ``"train"`` (parameter gradients, f32 master weights), first-order reverse
-      mode: ``"onednn_bf16"`` on a CPU backend with one device, oneDNN available, and bf16 units that beat f32: AMX
-      (``amx_bf16``) or AMD's ``avx512_bf16`` (Zen 4 / Zen 5). Otherwise ``"custom_vjp"``: GPU / TPU, several
-      devices (the FFI call has no partitioning rule), CPUs without bf16 units, and Intel ``avx512_bf16`` without
-      AMX (Cooper Lake; Emerald Rapids with AMX off, whose bf16 dot product runs below the f32 FMA rate, so bf16
-      training there was slower than XLA f32). Measurements per host: ``benchmarks/README.md`` and
-      ``benchmarks/onednn/REPORT.md``. On a shared machine, train with ``ROBUST_JAX_ONEDNN_THREADS=1``
-      (:mod:`robust_jax.onednn`).
+      mode: ``"onednn_bf16"`` on a CPU backend with oneDNN available and bf16 units that beat f32: AMX
+      (``amx_bf16``) or AMD's ``avx512_bf16`` (Zen 4 / Zen 5), with any `device_count` (on several devices the FFI
+      calls are partitioned over the batch-sharded mesh of :mod:`robust_jax.sharding`, see
+      :mod:`robust_jax.onednn`). Otherwise ``"custom_vjp"``: GPU / TPU, CPUs without bf16 units, and Intel
+      ``avx512_bf16`` without AMX (Cooper Lake; Emerald Rapids with AMX off, whose bf16 dot product runs below the
+      f32 FMA rate, so bf16 training there was slower than XLA f32). Measurements per host:
+      ``benchmarks/README.md`` and ``benchmarks/onednn/REPORT.md``. On a shared machine, train with
+      ``ROBUST_JAX_ONEDNN_THREADS=1`` (:mod:`robust_jax.onednn`).
     - ``"higher_order"`` (``jax.grad`` of ``jax.grad``, e.g. gradient penalties): ``"custom_vjp"``, whose backward
       pass is differentiable again (oneDNN's is not).
     - ``"forward_mode"`` (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``): ``"xla"``, the only one with forward-mode AD.
@@ -87,7 +88,8 @@ def choose_conv_impl(use: str, *, backend: str, cpu_vendor: str = "", cpu_flags=
         return "custom_vjp"
     flags = set(cpu_flags)
     fast_bf16 = "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor == "AuthenticAMD")
-    if backend == "cpu" and device_count == 1 and onednn_available and fast_bf16:
+    del device_count  # a fact of the host that no longer changes the choice (kept for callers passing it)
+    if backend == "cpu" and onednn_available and fast_bf16:
         return "onednn_bf16"
     return "custom_vjp"
 

@@ -26,7 +26,7 @@ is recorded in the summary and the sweep goes on (a rerun retries it).
 
 **Kernels**: a cell's attack differentiates its checkpoint with the convolution kernels ``Cell.conv_impl`` (default
 ``"auto"``: :func:`robust_jax.models.choose_conv_impl` for the attack's use on this host, e.g. ``"onednn_bf16"`` on
-a CPU with fast bf16 units and one device, ``"custom_vjp"`` on several devices); clean and robust accuracy (and a
+a CPU with fast bf16 units, ``"custom_vjp"`` on GPU / TPU or CPUs without them); clean and robust accuracy (and a
 defence's prediction) always come from the f32 evaluation kernels of ``checkpoints.load`` (``"custom_vjp"``). A
 result computed with other attack kernels is another result, so the attack kernels are part of the key, as
 ``config["conv_impl"]``, written only when they are not ``"custom_vjp"``, the kernels of every cell run before they
@@ -37,9 +37,8 @@ attack's output is kept sit on the decision boundary, where bf16 rounding would 
 **Determinism**: the PRNG key of batch ``b`` of a cell is ``fold_in(PRNGKey(seed), b)`` and JAX's random numbers do
 not depend on how an array is sharded, so a cell's result does not depend on the number of devices or processes
 as long as the effective batch size (``batch_size`` rounded up to a multiple of the device count; part of the key)
-and the attack kernels (part of the key; ``"auto"`` depends on the device count) are the same: choose a
-``batch_size`` divisible by every device count you use (the defaults are), and pin ``conv_impl`` to compare runs on
-different device counts.
+and the attack kernels (part of the key; ``"auto"`` depends on the host) are the same: choose a ``batch_size``
+divisible by every device count you use (the defaults are), and pin ``conv_impl`` to compare runs on different hosts.
 
 Attacks (:data:`ATTACKS`; :func:`register_attack` adds one): ``fgsm`` and ``pgd`` sweep ``eps``; ``le_pgd`` sweeps
 ``lam`` at a fixed ``eps``; ``autoattack`` is the hook for :func:`robust_jax.attacks.autoattack` (``eps`` swept with

@@ -442,7 +442,10 @@ AUTO_TABLE = [  # (use, backend, (vendor, flags), oneDNN available, devices) -> 
     ("attack", "cpu", EMERALD_RAPIDS_NO_AMX, True, 1, "custom_vjp"),  # bf16 at half the f32 rate there
     ("train", "cpu", ICE_LAKE, True, 1, "custom_vjp"),  # no bf16 units: oneDNN would emulate bf16
     ("attack", "cpu", ZEN4, False, 1, "custom_vjp"),  # no oneDNN / g++, or ROBUST_JAX_ONEDNN=0
-    ("attack", "cpu", ZEN4, True, 2, "custom_vjp"),  # the FFI call has no partitioning rule
+    ("attack", "cpu", ZEN4, True, 2, "onednn_bf16"),  # the FFI calls are partitioned over a batch-sharded mesh
+    ("train", "cpu", SAPPHIRE_RAPIDS, True, 8, "onednn_bf16"),
+    ("attack", "cpu", ICE_LAKE, True, 4, "custom_vjp"),  # several devices change nothing: still no bf16 units
+    ("higher_order", "cpu", ZEN4, True, 2, "custom_vjp"),
     ("attack", "gpu", SAPPHIRE_RAPIDS, True, 1, "custom_vjp"),
     ("train", "tpu", ZEN4, True, 1, "custom_vjp"),
     ("higher_order", "cpu", ZEN4, True, 1, "custom_vjp"),  # oneDNN's backward is not differentiable

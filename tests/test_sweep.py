@@ -42,8 +42,8 @@ def _env(devices: int | None = None) -> dict:
 
 
 def _cmd(out, *extra):
-    # kernels pinned: "auto" depends on the device count (oneDNN bf16 on one device of a CPU with fast bf16 units,
-    # custom_vjp on several), and these runs compare tables across device counts
+    # kernels pinned: "auto" depends on the host (oneDNN bf16 on a CPU with fast bf16 units), and these runs compare
+    # tables across device counts with the f32 reference kernels
     return [sys.executable, "-m", "experiments.sweep", f"--config={TINY}", f"--out_dir={out}", "--noprogress",
             "--conv_impl=custom_vjp", *extra]
 
@@ -176,13 +176,13 @@ def test_attack_kernels_are_part_of_the_key(monkeypatch, needs_tiny):
         assert p.config["conv_impl"] == impl == p.conv_impl
         assert {k: v for k, v in p.config.items() if k != "conv_impl"} == legacy.config
     assert len({legacy.key, *(p.key for p in other.values())}) == 3
-    host = {"attack": "onednn_bf16"}  # a CPU with fast bf16 units and one device
+    host = {"attack": "onednn_bf16"}  # a CPU with fast bf16 units
     monkeypatch.setattr(models, "host_conv_impl", lambda use: host.get(use, "custom_vjp"))
     assert sweep.plan(0, cell, 1).key == other["onednn_bf16"].key
     aa = sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], n=32, batch_size=16)
     assert sweep.plan(0, aa, 1).conv_impl == "custom_vjp" and "conv_impl" not in sweep.plan(0, aa, 1).config
     assert sweep.plan(0, dataclasses.replace(aa, conv_impl="onednn_bf16"), 1).conv_impl == "onednn_bf16"
-    host.clear()  # e.g. several devices, or no bf16 units: auto is custom_vjp, the key the one it always was
+    host.clear()  # e.g. GPU / TPU, or no bf16 units: auto is custom_vjp, the key the one it always was
     assert sweep.plan(0, cell, 1).key == legacy.key
     with pytest.raises(ValueError, match="conv_impl"):
         sweep.plan(0, dataclasses.replace(cell, conv_impl="cudnn"), 1)

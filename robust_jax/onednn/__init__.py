@@ -40,10 +40,19 @@ result per element, so it loops too; e.g. ``jax.grad`` of a loss summed over a v
 the per-element weight gradients and sums them (unused weight gradients, as in attacks, are dropped by XLA).
 :func:`exec_count` counts the oneDNN calls.
 
+Several devices (data parallelism, :mod:`robust_jax.sharding`): under ``jax.jit`` with operands sharded over a
+mesh, each FFI call is partitioned by a rule (``jax.experimental.custom_partitioning``; Shardy, JAX's default, and
+GSPMD): forward and backward-data keep the batch (N, and the vmapped leading dims) sharded as the activation operand
+is, with the weights replicated, so each device convolves its own rows with no gather; backward-weights computes
+each device's partial weight gradient from its rows and sums them (one all-reduce over N's mesh axes), replicated.
+Any other sharding (spatial or channel dims, weights sharded, a batch dim that does not divide evenly) is replicated
+first (all-gathered), which is correct but does not split the work. With one device the FFI call is lowered as is.
+On one host, the devices' calls still run one oneDNN call at a time by default (``set_serialize``), each with its
+OpenMP team.
+
 Limitations: no forward-mode autodiff (a ``jax.custom_vjp``); only first-order gradients (the backward is an FFI
-call, not differentiable again); XLA has no partitioning rule for the FFI call, so data parallelism over several
-devices (:mod:`robust_jax.sharding`) is not expected to speed it up (not measured). Each call runs on the XLA
-thread that reaches it, one oneDNN call at a time (``set_serialize``).
+call, not differentiable again). Each call runs on the XLA thread that reaches it, one oneDNN call at a time
+(``set_serialize``).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.experimental.custom_partitioning
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -295,11 +305,138 @@ def _attrs(strides, pads):
 # batching rule) is kept selectable for before/after benchmarks only (benchmarks/vmap_eps.py); read at trace time.
 _VMAP_METHOD = "expand_dims"
 
+# The two operands and the result of each FFI call, by their 4 core dims (NHWC activations, HWIO weights). A vmapped
+# call has the same L leading dims before them on all three (size 1 on an unbatched operand).
+_LABELS = {"fwd": ("n h w c", "kh kw c o", "n oh ow o"),
+           "bwd_data": ("n oh ow o", "kh kw c o", "n h w c"),
+           "bwd_weights": ("n h w c", "n oh ow o", "kh kw c o")}
 
-def _call(target, out_shape, a, b, strides, pads):
+
+def _ffi(kind, out_dims, strides, pads, a, b):
+    """One FFI call on operands in the expand_dims layout (L leading dims each, 1 where unbatched). The result has
+    the leading dims' sizes, then (fwd, bwd_data) the first operand's N and `out_dims` (H, W, C), or (bwd_weights)
+    `out_dims` (KH, KW, C, O): shapes that hold for any slice of the batch, as a partition computes on."""
     _lib()
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method=_VMAP_METHOD)(
+    lead = tuple(max(p, q) for p, q in zip(a.shape[:-4], b.shape[:-4], strict=True))
+    core = tuple(out_dims) if kind == "bwd_weights" else (a.shape[-4], *out_dims)
+    return jax.ffi.ffi_call(f"onednn_conv_{kind}", jax.ShapeDtypeStruct(lead + core, jnp.float32))(
         a, b, **_attrs(strides, pads))
+
+
+# ------------------------------------------------------------------------------ partitioning over devices (SPMD)
+# Under jax.jit with operands sharded over several devices, XLA cannot split a custom call by itself. The calls are
+# wrapped in jax.experimental.custom_partitioning with a data-parallel rule (:func:`_partition`); the rule is used
+# only when the computation spans more than one device (otherwise the FFI call is lowered as it is).
+def _spec(sharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _layout(kind, mesh, a_shape, b_shape, a_sharding):
+    """(a spec, b spec, result spec, mesh axes to sum the result over) of the data-parallel partitioning.
+
+    The sharding of the first operand (x for fwd and bwd_weights, dy for bwd_data) on its batch-like dims (the
+    leading vmapped dims where it is batched, and N) is kept when each such dim divides evenly over its mesh axes;
+    everything else is replicated (the partitioner all-gathers it): spatial and channel dims, the weights (bar
+    leading dims batched like the first operand's), and any sharding that is not a NamedSharding. fwd / bwd_data:
+    the result is sharded like the first operand. bwd_weights: x and dy are sharded alike, each device computes the
+    partial dw of its rows, summed over N's mesh axes (psum) into a result replicated on those axes."""
+    nd = len(a_shape)
+    k = nd - 4
+    src = _spec(a_sharding, nd) if isinstance(a_sharding, jax.sharding.NamedSharding) else (None,) * nd
+
+    def keep(i):
+        size = int(np.prod([mesh.shape[ax] for ax in _axes(src[i])]))
+        return src[i] if src[i] is not None and a_shape[i] > 1 and a_shape[i] % size == 0 else None
+
+    lead = tuple(keep(i) for i in range(k))
+    n = keep(k)
+    b_lead = tuple(lead[i] if b_shape[i] > 1 else None for i in range(k))
+    a_spec = (*lead, n, None, None, None)
+    if kind == "bwd_weights":
+        return a_spec, (*b_lead, n, None, None, None), (*lead, None, None, None, None), _axes(n)
+    return a_spec, (*b_lead, None, None, None, None), a_spec, ()
+
+
+def _partition(kind, out_dims, strides, pads, mesh, arg_shapes, result_shape):
+    """custom_partitioning's ``partition``: (mesh, per-device function, result sharding, operand shardings) of
+    :func:`_layout`; the partitioner reshards operands to them and the per-device function runs on the shards."""
+    a, b = arg_shapes
+    if mesh.empty:  # shardings not decodable to a mesh (no NamedSharding): replicate everything on their devices
+        known = [s.sharding for s in arg_shapes if s.sharding is not None]
+        devices = sorted(known[0].device_set, key=lambda d: d.id) if known else jax.devices()
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("onednn_devices",))
+    a_spec, b_spec, r_spec, reduce = _layout(kind, mesh, a.shape, b.shape, a.sharding)
+    named = lambda spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
+
+    def lower(a, b):
+        out = _ffi(kind, out_dims, strides, pads, a, b)
+        return lax.psum(out, reduce) if reduce else out
+
+    return mesh, lower, named(r_spec), (named(a_spec), named(b_spec))
+
+
+def _infer(kind, out_dims, strides, pads, mesh, arg_shapes, result_shape):
+    """The result's sharding from the operands' (GSPMD propagation; Shardy uses :func:`_sharding_rule`)."""
+    return _partition(kind, out_dims, strides, pads, mesh, arg_shapes, result_shape)[2]
+
+
+def _sharding_rule(kind, out_dims, strides, pads, mesh, operand_types, result_types):
+    """Shardy's rule (an einsum-like string): the batch-like dims (N and the vmapped leading dims, a factor of its
+    own where an operand is unbatched there, size 1) may be sharded, N is a reduction factor of bwd_weights, and
+    every other dim must be replicated. :func:`_partition` decides the final layout."""
+    shapes = [tuple(t.shape) for t in (*operand_types, *result_types)]  # MLIR ranked tensor types
+    labels = [lab.split() for lab in _LABELS[kind]]
+    k = len(shapes[0]) - 4
+    values = [[f"l{i}" if s[i] == shapes[2][i] else f"u{t}_{i}" for i in range(k)] + labels[t]
+              for t, s in enumerate(shapes)]
+    rule = ", ".join(" ".join(v) for v in values[:2]) + " -> " + " ".join(values[2])
+    order = list(dict.fromkeys(f for v in values for f in v))  # factor indices: order of first appearance
+    batch = {f for f in order if f.startswith("l")} | {"n"}
+    reduction = ("n",) if kind == "bwd_weights" else ()
+    replicate = tuple(f for f in order if f not in batch)
+    return rule, {"reduction_factors": reduction, "need_replication_factors": replicate}
+
+
+def _partitioned(kind, out_dims, strides, pads, a, b):
+    return _ffi(kind, out_dims, strides, pads, a, b)
+
+
+_partitioned = jax.experimental.custom_partitioning.custom_partitioning(_partitioned, static_argnums=(0, 1, 2, 3))
+_partitioned.def_partition(_partition, infer_sharding_from_operands=_infer, sharding_rule=_sharding_rule)
+
+
+@functools.cache
+def _op(kind, out_dims, strides, pads):
+    """The partitioned FFI call ``(a, b) -> result`` with its vmap rule (custom_partitioning has none): the vmapped
+    axis becomes a leading dim of one partitioned call (expand_dims layout; nested vmaps add one each), or a scan
+    of calls when ``_VMAP_METHOD == "sequential"``."""
+
+    @jax.custom_batching.custom_vmap
+    def op(a, b):
+        return _partitioned(kind, out_dims, strides, pads, a, b)
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, a, b):
+        if _VMAP_METHOD == "sequential":
+            def one(sliced):
+                it = iter(sliced)
+                return op(*(next(it) if bt else v for v, bt in zip((a, b), in_batched)))
+            return lax.map(one, tuple(v for v, bt in zip((a, b), in_batched) if bt)), True
+        a, b = (v if bt else v[None] for v, bt in zip((a, b), in_batched))
+        return op(a, b), True
+
+    return op
+
+
+def _call(kind, out_shape, a, b, strides, pads):
+    """`kind`'s FFI call with the result shape `out_shape` (rank 4)."""
+    out_dims = out_shape if kind == "bwd_weights" else out_shape[1:]
+    return _op(kind, tuple(int(d) for d in out_dims), strides, pads)(a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -309,15 +446,15 @@ def _conv(x, w, strides, pads, cdt):
 
 def _conv_fwd(x, w, strides, pads, cdt):
     xc, wc = x.astype(cdt), w.astype(cdt)
-    y = _call("onednn_conv_fwd", _out_shape(x.shape, w.shape, strides, pads), xc, wc, strides, pads)
+    y = _call("fwd", _out_shape(x.shape, w.shape, strides, pads), xc, wc, strides, pads)
     return y, (xc, wc)  # residuals in the compute dtype (half the memory for bf16)
 
 
 def _conv_bwd(strides, pads, cdt, res, dy):
     xc, wc = res
     dyc = dy.astype(cdt)
-    dx = _call("onednn_conv_bwd_data", xc.shape, dyc, wc, strides, pads)
-    dw = _call("onednn_conv_bwd_weights", wc.shape, xc, dyc, strides, pads)
+    dx = _call("bwd_data", xc.shape, dyc, wc, strides, pads)
+    dw = _call("bwd_weights", wc.shape, xc, dyc, strides, pads)
     return dx, dw
 
 
