@@ -15,6 +15,7 @@ import functools  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from data_parallel import train_report  # noqa: E402  (tests/, the script's directory)
 
 from robust_jax import attacks, models, runner, sharding, training  # noqa: E402
 
@@ -56,23 +57,8 @@ def main():
     xs = (rng.uniform(size=(3, 32, 28, 28, 1)) * 255).astype(np.uint8)
     ys = rng.integers(0, 10, (3, 32)).astype(np.int32)
 
-    def run(m):
-        state = training.create_train_state(model, tx, jax.random.PRNGKey(2), (28, 28, 1))
-        state = sharding.replicate(state, m)
-        losses = []
-        for i in range(3):
-            xb, yb = sharding.shard_batch((xs[i], ys[i]), m)
-            state, metrics = step(state, xb, yb)
-            losses.append(float(metrics["loss"]))
-        return jax.tree.map(np.asarray, state.params), losses, state
-
-    params1, losses1, _ = run(mesh1)
-    params4, losses4, state4 = run(mesh4)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params1, params4))
-    scale = max(float(np.abs(p).max()) for p in jax.tree.leaves(params1))
-    kernel = state4.params["Conv_0"]["kernel"] if "Conv_0" in state4.params else jax.tree.leaves(state4.params)[0]
-    out["train"] = {"max_param_diff": max(diffs), "param_scale": scale, "losses_1": losses1, "losses_4": losses4,
-                    "params_replicated": bool(kernel.sharding.is_fully_replicated)}
+    init_state = lambda: training.create_train_state(model, tx, jax.random.PRNGKey(2), (28, 28, 1))  # noqa: E731
+    out["train"] = train_report(step, init_state, xs, ys, mesh1, mesh4)
     json.dump(out, sys.stdout)
 
 

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from data_parallel import train_report  # noqa: E402  (tests/, the script's directory)
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -131,24 +132,12 @@ def model_checks(mesh1, mesh2):
     xs = (rng.uniform(size=(2, 8, 10, 10, 1)) * 255).astype(np.uint8)
     ys = rng.integers(0, 10, (2, 8)).astype(np.int32)
 
-    def train(m):
+    def init_state():
         params = _numpy_init(model, (10, 10, 1), seed=2)["params"]
-        state = training.TrainState(step=np.zeros((), np.int32), params=params, batch_stats={},
-                                    opt_state=tx.init(params), rng=jax.random.PRNGKey(2))
-        state = sharding.replicate(state, m)
-        losses = []
-        for i in range(2):
-            state, metrics = step(state, *sharding.shard_batch((xs[i], ys[i]), m))
-            losses.append(float(metrics["loss"]))
-        return state, losses
+        return training.TrainState(step=np.zeros((), np.int32), params=params, batch_stats={},
+                                   opt_state=tx.init(params), rng=jax.random.PRNGKey(2))
 
-    s1, losses1 = train(mesh1)
-    s2, losses2 = train(mesh2)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                                         s1.params, s2.params))
-    scale = max(float(np.abs(np.asarray(p)).max()) for p in jax.tree.leaves(s1.params))
-    out["train"] = {"max_param_diff": max(diffs), "param_scale": scale, "losses_1": losses1, "losses_2": losses2,
-                    "params_replicated": all(p.sharding.is_fully_replicated for p in jax.tree.leaves(s2.params))}
+    out["train"] = train_report(step, init_state, xs, ys, mesh1, mesh2)
     return out
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_parallel import assert_same_training
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,4 @@ def test_sharded_predictions_equal(report):
 
 
 def test_data_parallel_training_matches_single_device(report):
-    t = report["train"]
-    assert t["params_replicated"]
-    assert t["max_param_diff"] <= 1e-5 * max(1.0, t["param_scale"]), t
-    for a, b in zip(t["losses_1"], t["losses_4"]):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+    assert_same_training(report["train"])

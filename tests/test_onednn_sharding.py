@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_parallel import assert_same_training
 
 from robust_jax import onednn
 
@@ -100,8 +101,4 @@ def test_predictions_sharded_equal_single_device(model_report):
 
 
 def test_data_parallel_training_matches_single_device(model_report):
-    t = model_report["train"]
-    assert t["params_replicated"]
-    assert t["max_param_diff"] <= 1e-5 * max(1.0, t["param_scale"]), t
-    for a, b in zip(t["losses_1"], t["losses_2"]):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+    assert_same_training(model_report["train"])
