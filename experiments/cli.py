@@ -229,8 +229,6 @@ def require(condition: bool, message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- convolution kernels
-# Cached results written before the attack kernels were recorded were computed with these (the only kernels then).
-UNRECORDED_CONV_IMPL = "custom_vjp"
 
 
 def kernels(m, ma) -> dict:
@@ -262,7 +260,10 @@ def attacked_kernels(attack: str, m, ma) -> str | None:
 
 def attack_kernels_of(entry: dict) -> str:
     """The attack kernels a cached result `entry` was computed with: its ``"conv_impl"``, or
-    :data:`UNRECORDED_CONV_IMPL` for an entry written before they were recorded."""
+    :data:`robust_jax.sweep.UNRECORDED_CONV_IMPL` (the only kernels then) for an entry written before they were
+    recorded."""
+    from robust_jax.sweep import UNRECORDED_CONV_IMPL
+
     return entry.get("conv_impl", UNRECORDED_CONV_IMPL)
 
 
