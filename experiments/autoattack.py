@@ -14,7 +14,7 @@ and predicts with the mean softmax over as many samples at a fixed key, which is
     python -m experiments.autoattack --checkpoint=mnist_basic_cnn --eps=0.3 --version=rand --defence=epistemic
 
 Each attack runs only on the points still robust: the fooled ones are dropped between attacks (and the remaining
-ones attacked in chunks of at most --batch_size, split over all devices by ``robust_jax.runner.run_attack``).
+ones attacked in chunks of at most --batch_size, split over all devices; ``robust_jax.autoattack_eval.evaluate``).
 Example i draws its randomness from ``fold_in(fold_in(key, attack), i)`` (i = its position in the test split), so
 results do not depend on the chunking, on --batch_size or on resuming.
 
@@ -35,11 +35,9 @@ import json
 import math
 import os
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags, logging
 
 from robust_jax import xla_defaults
@@ -150,24 +148,6 @@ def check_flags(f) -> tuple[float, dict | None]:
     return eps, options
 
 
-# ----------------------------------------------------------------------------------------------- state
-def _save_state(out: Path, arrays: dict, meta: dict) -> None:
-    """Write state.npz atomically (a temporary file in the same directory, then os.replace)."""
-    tmp = out / f".{STATE}.tmp{os.getpid()}.npz"
-    np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
-    os.replace(tmp, out / STATE)
-
-
-def _load_state(out: Path):
-    path = out / STATE
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "meta"}
-        meta = json.loads(str(z["meta"]))
-    return arrays, meta
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -179,181 +159,6 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-# ----------------------------------------------------------------------------------------------- runner
-_ATTACK_FNS: dict = {}
-
-
-def _attack_fn(logits_builder, name, params, key, norm, eps):
-    """``attack(variables, x, packed, _) -> (x_adv, fooled)`` for ``runner.run_attack``; ``packed`` holds (label,
-    dataset index) rows, the index giving each example its key. One function object per configuration, so that
-    repeated evaluations in a process reuse the compiled attack."""
-    from robust_jax.attacks._core import is_success
-    from robust_jax.attacks.autoattack import run_protocol_attack
-    from robust_jax.models import logits_of
-
-    cache_key = (id(logits_builder), name, json.dumps(params, sort_keys=True), norm, float(eps),
-                 tuple(np.asarray(key).ravel().tolist()))
-    hit = _ATTACK_FNS.get(cache_key)
-    if hit is not None and hit[0] is logits_builder:
-        return hit[1]
-
-    def attack(v, xb, yb, _key):
-        f = logits_builder(v)
-        labels, idx = yb[:, 0], yb[:, 1]
-        xa = run_protocol_attack(name, params, f, xb, labels, key=key, norm=norm, eps=eps, indices=idx)
-        return xa, is_success(logits_of(f(xa)), labels)
-
-    _ATTACK_FNS[cache_key] = (logits_builder, attack)
-    return attack
-
-
-def defence_builder(kind: str, model, eot_samples: int):
-    """``variables -> logits_fn`` that AutoAttack attacks: the network itself for ``kind="none"``, else the
-    randomised defence (``robust_jax.evaluate.Defence``: ``epistemic`` MC-dropout or ``aleatoric`` logit draws) as
-    an :class:`EOT` over `eot_samples` samples (its ``adaptive`` protocol)."""
-    import functools
-
-    from robust_jax.evaluate import Defence
-
-    if kind == "none":
-        return lambda v: functools.partial(model.apply, v)
-    return Defence(kind, model, eot_samples=eot_samples).attacked("adaptive")
-
-
-def evaluate(logits_builder, variables, x, y, *, key, norm: str, eps: float, version: str = "standard",
-             attacks_to_run=None, options=None, batch_size: int = 250, out_dir=None, config: dict | None = None,
-             progress: bool = True) -> dict:
-    """AutoAttack over all of (x, y) on the host, dropping fooled points between attacks.
-
-    ``logits_builder(variables) -> logits_fn`` (called under jit with traced variables; an :class:`EOT` for
-    ``version="rand"``, whose samples are recorded as ``eot_samples``; see :func:`defence_builder`). With `out_dir`
-    the state is saved after every chunk and resumed from (it must have been written with the same `config`).
-    Returns the results dict (see the module docstring) plus ``"x_adv"`` and the per-attack robust masks (numpy)."""
-    import jax
-    import jax.numpy as jnp
-
-    from robust_jax import runner, sharding
-    from robust_jax.attacks._core import EOT, predict
-    from robust_jax.attacks.autoattack import checks, passes, protocol, square_flag
-    from robust_jax.attacks.diagnostics import is_stochastic
-    from robust_jax.models import logits_of
-
-    tqdm = __import__("tqdm.auto", fromlist=["tqdm"]).tqdm
-    spec = protocol(version, attacks_to_run, options)
-    names = [a for a, _ in spec]
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-    n = len(x)
-    config = {**(config or {}), "norm": norm, "eps": eps, "version": version, "attacks": names,
-              "params": dict(spec), "num_examples": n}
-    model = logits_builder(variables)  # a randomised defence is an EOT: its samples per step and per prediction
-    eot_samples = model.num_samples if isinstance(model, EOT) else None
-    config["eot_samples"] = eot_samples
-    config = json.loads(json.dumps(config))
-    out = Path(out_dir) if out_dir is not None else None
-    saved = _load_state(out) if out is not None else None
-    if saved is not None and saved[1]["config"] != config:
-        diff = sorted(k for k in set(config) | set(saved[1]["config"]) if config.get(k) != saved[1]["config"].get(k))
-        raise ValueError(f"{out / STATE} holds a run with a different configuration (differs in {diff}); use "
-                         f"--fresh or another --out_dir")
-    ndev = sharding.num_devices()
-    replicated = sharding.replicate(variables)
-    pred = jax.jit(lambda v, xb: predict(logits_builder(v), xb))
-
-    if saved is None:
-        t0 = time.time()
-        f0 = model
-        sample = slice(0, min(n, batch_size))
-        flags_ = checks(f0, x[sample], y[sample], version=version, attacks=names,
-                        n_target_classes=max([p.get("n_target_classes", 0) for _, p in spec] + [0]))
-        if isinstance(f0, EOT) and not is_stochastic(jax.jit(f0.fn), x[sample]):
-            flags_.append("the randomised defence's samples do not differ (a model without dropout?): EOT averages "
-                          "identical passes")
-        clean = np.asarray(sharding.run_sharded(lambda xb: pred(replicated, xb), x, batch_size=batch_size)) == y
-        arrays = {"x_adv": x.copy(), "robust": clean.copy(), "clean": clean}
-        meta = {"config": config, "flags": flags_, "clean_seconds": time.time() - t0,
-                "n_classes": int(logits_of(f0(jnp.asarray(x[:1]))).shape[-1]),
-                "attacks": {a: {"position": 0, "done": False, "seconds": 0.0, "attacked": 0, "computed": 0}
-                            for a in names}}
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            _save_state(out, arrays, meta)
-    else:
-        arrays, meta = saved
-        if progress:
-            done = [a for a in names if meta["attacks"][a]["done"]]
-            print(f"autoattack: resuming from {out / STATE} (done: {done or 'none'})")
-
-    for name, params in spec:
-        st = meta["attacks"][name]
-        if st["done"]:
-            continue
-        if f"before/{name}" not in arrays:
-            arrays[f"before/{name}"] = arrays["robust"].copy()
-        todo = np.flatnonzero(arrays[f"before/{name}"])
-        left = len(todo) - st["position"]
-        # balanced chunks of at most batch_size (rounded up to 8 per device): little padding in the last one
-        per = -(-left // -(-left // batch_size)) if left > 0 else 1
-        chunk = min(max(batch_size, 8 * ndev), -(-per // (8 * ndev)) * 8 * ndev)
-
-        attack = _attack_fn(logits_builder, name, params, key, norm, eps)
-
-        with tqdm(total=len(todo), initial=st["position"], desc=name, unit="img", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            while st["position"] < len(todo):
-                t0 = time.time()
-                idx = todo[st["position"]: st["position"] + chunk]
-                packed = np.stack([y[idx], idx.astype(np.int32)], axis=1)
-                xa, fooled = runner.run_attack(attack, variables, x[idx], packed, key=key, batch_size=chunk,
-                                               progress=False, desc=name)
-                hit = idx[fooled]
-                arrays["x_adv"][hit] = xa[fooled]
-                arrays["robust"][hit] = False
-                st["position"] += len(idx)
-                st["attacked"] += len(idx)
-                st["computed"] += -(-len(idx) // chunk) * chunk
-                st["seconds"] += time.time() - t0
-                if out is not None:
-                    _save_state(out, arrays, meta)
-                bar.update(len(idx))
-                bar.set_postfix(robust=f"{arrays['robust'].mean():.2%}")
-        st["done"] = True
-        arrays[f"after/{name}"] = arrays["robust"].copy()
-        if out is not None:
-            _save_state(out, arrays, meta)
-
-    # final consistency: predictions on the returned points and their distances
-    final_pred = np.asarray(sharding.run_sharded(lambda xb: pred(replicated, xb), arrays["x_adv"],
-                                                 batch_size=batch_size))
-    delta = (arrays["x_adv"] - x).reshape(n, -1)
-    dist = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta.astype(np.float64) ** 2).sum(1))
-    acc = {"clean": float(arrays["clean"].mean())}
-    acc.update({a: float(arrays[f"after/{a}"].mean()) for a in names})
-    flags_ = list(meta["flags"])
-    sq = square_flag(acc)
-    if sq:
-        flags_.append(sq)
-    if float(dist.max(initial=0.0)) > eps * (1 + 1e-5) + 1e-7:
-        flags_.append(f"perturbation {dist.max():.6g} exceeds eps {eps:.6g}")
-    if np.any((final_pred == y) != arrays["robust"]):
-        flags_.append(f"{int(np.sum((final_pred == y) != arrays['robust']))} points change their robust status when "
-                      f"re-evaluated (non-deterministic model?)")
-    if options:
-        flags_.append(f"non-standard parameters (--options {json.dumps(options)}): not AutoAttack's numbers")
-    n_cls = meta["n_classes"]
-    per_pass = {}
-    for a, p in spec:
-        per = passes(a, p, n_cls, eot_samples or 1)
-        st = meta["attacks"][a]
-        per_pass[a] = {"per_image": per, "images_attacked": st["attacked"], "images_computed": st["computed"],
-                       "forward": per["forward"] * st["attacked"], "backward": per["backward"] * st["attacked"]}
-    seconds = {"clean_and_checks": meta["clean_seconds"], **{a: meta["attacks"][a]["seconds"] for a in names}}
-    return {**config, "clean_accuracy": acc["clean"], "robust_accuracy": acc,
-            "final_robust_accuracy": float(arrays["robust"].mean()), "seconds": seconds,
-            "total_seconds": float(sum(seconds.values())), "passes": per_pass, "flags": flags_,
-            "max_perturbation": float(dist.max(initial=0.0)), "devices": jax.device_count(),
-            "x_adv": arrays["x_adv"], "robust": {k: arrays[f"after/{k}"] for k in names} | {"clean": arrays["clean"]}}
 
 
 def _defence_text(res: dict) -> str:
@@ -394,7 +199,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import jax
 
-    from robust_jax import checkpoints, data
+    from robust_jax import autoattack_eval, checkpoints, data
 
     eps_arg = FLAGS.eps if FLAGS.eps is not None else ("8/255" if FLAGS.norm == "linf" else "0.5")
     m = checkpoints.load(FLAGS.checkpoint)  # attacked in f32 too: FAB / success checks sit on the boundary
@@ -403,7 +208,7 @@ def main(argv):
     x, y = data.load(ds, split, data_dir=FLAGS.data_dir)
     x = data.to_float(x)
     defence = defence_of(FLAGS)
-    builder = defence_builder(defence, m, FLAGS.eot_samples)
+    builder = autoattack_eval.defence_builder(defence, m, FLAGS.eot_samples)
     out = Path(FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.norm, eps_arg, FLAGS.version, defence))
     if FLAGS.fresh and (out / STATE).is_file():
         (out / STATE).unlink()
@@ -412,9 +217,10 @@ def main(argv):
     print(f"autoattack: {FLAGS.checkpoint} on {ds} {split}, {FLAGS.norm} eps={eps_arg}, version={FLAGS.version}, "
           f"defence={defence}" + (f" (EOT over {FLAGS.eot_samples} samples)" if defence != "none" else "")
           + f", devices={jax.device_count()}, out_dir={out}")
-    res = evaluate(builder, m.variables, x, y, key=jax.random.PRNGKey(FLAGS.seed), norm=FLAGS.norm, eps=eps,
-                   version=FLAGS.version, attacks_to_run=FLAGS.attacks, options=options,
-                   batch_size=FLAGS.batch_size, out_dir=out, config=config, progress=FLAGS.progress)
+    res = autoattack_eval.evaluate(builder, m.variables, x, y, key=jax.random.PRNGKey(FLAGS.seed), norm=FLAGS.norm,
+                                   eps=eps, version=FLAGS.version, attacks_to_run=FLAGS.attacks, options=options,
+                                   batch_size=FLAGS.batch_size, state=out / STATE, config=config,
+                                   progress=FLAGS.progress)
     res.pop("x_adv")
     res.pop("robust")
     res["cpu"] = cpu_model()

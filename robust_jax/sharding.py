@@ -59,7 +59,16 @@ def shard_batch(tree, m: Mesh | None = None):
 
 
 def replicate(tree, m: Mesh | None = None):
+    """Every array of `tree` on every device of `m` (one that spans several processes: :func:`global_replicated`,
+    every process passing the same values)."""
+    if spans_processes(m):
+        return global_replicated(jax.device_get(tree), m)
     return jax.device_put(tree, replicated(m))
+
+
+def spans_processes(m: Mesh | None = None) -> bool:
+    """True if `m` holds devices of other processes than this one (a multi-controller mesh)."""
+    return any(d.process_index != jax.process_index() for d in (m or mesh()).devices.flat)
 
 
 def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
@@ -77,22 +86,26 @@ def run_sharded(fn, *batch_args, batch_size: int | None = None, m: Mesh | None =
 
     The library's one batched-inference helper (predictions, attacks over a dataset, oracles). Each chunk is padded
     to the chunk size (so ``fn`` compiles once) and to a multiple of the device count, split over the mesh, and the
-    outputs are concatenated on the host as numpy with the padding removed. ``fn`` must map each example
-    independently (attacks, predictions), so padding never changes real outputs. With ``indexed=True`` it is called
-    as ``fn(chunk_index, *chunk)`` (e.g. to fold the index into a PRNG key); ``on_chunk(k)`` is called after each
-    chunk with its number of real examples (progress bars).
+    outputs are concatenated on the host as numpy with the padding removed. On a mesh spanning several processes
+    every process passes the same full arrays, contributes its rows of each chunk and receives all outputs. ``fn``
+    must map each example independently (attacks, predictions), so padding never changes real outputs. With
+    ``indexed=True`` it is called as ``fn(chunk_index, *chunk)`` (e.g. to fold the index into a PRNG key);
+    ``on_chunk(k)`` is called after each chunk with its number of real examples (progress bars).
     """
     m = m or mesh()
     n = batch_args[0].shape[0]
     bs = batch_size or n
     bs += (-bs) % num_devices(m)
+    multi = spans_processes(m)
+    lo, hi = process_rows(bs, m) if multi else (0, bs)
     outs = []
     for i, start in enumerate(range(0, n, bs)):
         chunk = [np.asarray(a[start : start + bs]) for a in batch_args]
         k = chunk[0].shape[0]
-        chunk = shard_batch(tuple(pad_batch(c, bs)[0] for c in chunk), m)
+        chunk = tuple(pad_batch(c, bs)[0] for c in chunk)
+        chunk = global_batch(tuple(c[lo:hi] for c in chunk), bs, m) if multi else shard_batch(chunk, m)
         out = fn(i, *chunk) if indexed else fn(*chunk)
-        outs.append(jax.tree.map(lambda o, k=k: np.asarray(o)[:k], out))
+        outs.append(jax.tree.map(lambda o, k=k: np.asarray(o)[:k], to_host(out)))
         if on_chunk is not None:
             on_chunk(k)
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)

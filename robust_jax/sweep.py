@@ -41,8 +41,17 @@ and the attack kernels (part of the key; ``"auto"`` depends on the host) are the
 divisible by every device count you use (the defaults are), and pin ``conv_impl`` to compare runs on different hosts.
 
 Attacks (:data:`ATTACKS`; :func:`register_attack` adds one): ``fgsm`` and ``pgd`` sweep ``eps``; ``le_pgd`` sweeps
-``lam`` at a fixed ``eps``; ``autoattack`` is the hook for :func:`robust_jax.attacks.autoattack` (``eps`` swept with
-``attacks.sweep``, a vmap; per-example keys from the dataset positions).
+``lam`` at a fixed ``eps``; ``autoattack`` runs AutoAttack's protocol on the host in stages
+(:func:`robust_jax.autoattack_eval.evaluate`, the runner of ``python -m experiments.autoattack``): each of its attacks
+only on the points the ones before it left, in chunks of ``batch_size`` sharded over the mesh, one eps after the other,
+with ``PRNGKey(seed)`` and the examples' dataset positions as keys — so a cell's result is that command's with the same
+checkpoint, images and seed, and does not depend on the batch size or the device count (beyond the
+floating-point effect of the batch shape). On an adversarially trained
+network, where most points survive the first attack and few survive them all, that is far cheaper than running every
+attack on every point in one compiled function (benchmarks/README.md). Every process loads such a cell's whole slice
+(the stages pick examples by what is left, not by position), and its within-cell state (after every chunk) is kept as
+``<out>/cells/.<key>.eps<i>.state.npz`` until the cell finishes, so a killed sweep resumes inside a long AutoAttack cell
+too. Such cells attack the network itself (a randomised defence: ``python -m experiments.autoattack --version=rand``).
 
 **Defended cells** (the uncertainty study's grid): a cell with ``defence`` set (one of
 :data:`robust_jax.evaluate.DEFENCES`: ``"none"``, ``"epistemic"`` = MC-dropout, ``"aleatoric"`` = heteroscedastic head)
@@ -83,7 +92,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import robust_jax
-from robust_jax import attacks, checkpoints, evaluate, models, sharding
+from robust_jax import attacks, autoattack_eval, checkpoints, evaluate, models, sharding
 from robust_jax import data as data_lib
 
 FORMAT = 1  # version of the cell-file format and of the key's contents (part of every key)
@@ -99,12 +108,23 @@ class AttackSpec:
     the examples' dataset positions (per-example keys); ``params`` are static (compiled in), `defaults` filled in.
     `conv_use` (one of ``models.CONV_USES``) is the use a cell's ``conv_impl="auto"`` is resolved for: ``"attack"``
     (input gradients: the fast kernels of the host), or ``"eval"`` for an attack whose outcome is decided by a
-    forward pass at the decision boundary (the f32 kernels whose predictions are reported)."""
+    forward pass at the decision boundary (the f32 kernels whose predictions are reported).
 
-    fn: Callable
+    An attack evaluated on the host instead (several compiled stages with host-side bookkeeping between them, as
+    AutoAttack's, which drops the fooled points between its attacks) gives `host` and no `fn`:
+    ``host(runner, plan, classifier, x, y, state_dir) -> (x_adv per budget value, info)`` with `x` the cell's
+    examples as floats in [0, 1] (on every process), `x_adv` a list of arrays shaped like `x`, and `info` a JSON
+    record stored in the cell file; the cell scores them with the evaluation kernels like any other."""
+
+    fn: Callable | None
     budget: str = "eps"
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     conv_use: str = "attack"
+    host: Callable | None = None
+
+    def __post_init__(self):
+        if (self.fn is None) == (self.host is None):
+            raise ValueError("an attack spec gives exactly one of fn (in-graph) and host (host-side stages)")
 
 
 def _fgsm(logits_fn, x, y, *, key, values, indices, **p):
@@ -129,25 +149,49 @@ def _le_pgd(logits_fn, x, y, *, key, values, indices, eps, steps, rel_step_size,
                           step_size=_step(eps, step_size, rel_step_size), steps=steps, validate=False, **p)
 
 
-def _autoattack(logits_fn, x, y, *, key, values, indices, **p):
-    # Hook for robust_jax.attacks.autoattack (a scalar eps): the eps values are vmapped by attacks.sweep, every value
-    # with the same key; per-example randomness comes from the dataset positions, so results do not depend on batching.
-    return attacks.sweep(lambda e: attacks.autoattack(logits_fn, x, y, key=key, eps=e, indices=indices,
-                                                      validate=False, **p), values)
+AUTOATTACK_PARAMS = ("norm", "version", "attacks_to_run", "options")
+
+
+def _autoattack(runner: Runner, p: Plan, classifier, x, y, state_dir):
+    """AutoAttack's staged protocol (:func:`robust_jax.autoattack_eval.evaluate`: each attack only on the points the
+    ones before it left) at each eps of the cell, one after the other, with ``PRNGKey(seed)`` and the examples'
+    dataset positions as their keys — the computation of ``python -m experiments.autoattack`` with the same seed,
+    checkpoint and images. Resumable within the cell: a state file per eps under `state_dir`."""
+    unknown = sorted(set(p.params) - set(AUTOATTACK_PARAMS))
+    if unknown:
+        raise ValueError(f"autoattack cell: unknown parameters {unknown} (known: {list(AUTOATTACK_PARAMS)})")
+    builder = runner.builder(p, classifier.for_use(ATTACKS[p.cell.attack].conv_use, p.conv_impl))
+    variables = jax.device_get(classifier.variables)
+    indices = np.arange(p.start, p.stop, dtype=np.int32)
+    x_adv, info = [], []
+    for i, eps in enumerate(p.cell.values):
+        state = None if state_dir is None else Path(state_dir) / f".{p.key}.eps{i}.state.npz"
+        res = autoattack_eval.evaluate(
+            builder, variables, x, y, key=jax.random.PRNGKey(p.cell.seed), norm=p.params["norm"], eps=eps,
+            version=p.params["version"], attacks_to_run=p.params.get("attacks_to_run"),
+            options=p.params.get("options"), batch_size=p.batch, state=state, config={"cell": p.key, "eps_index": i},
+            indices=indices, mesh=runner.mesh, progress=False)
+        x_adv.append(res["x_adv"])
+        info.append({"eps": eps, "robust_accuracy": res["robust_accuracy"], "seconds": res["seconds"],
+                     "images_attacked": {a: v["images_attacked"] for a, v in res["passes"].items()},
+                     "flags": res["flags"]})
+    return x_adv, {"stages": info}
 
 
 ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(_fgsm),
     "pgd": AttackSpec(_pgd, defaults={"steps": 10, "rel_step_size": 0.25, "norm": "linf"}),
     "le_pgd": AttackSpec(_le_pgd, budget="lam", defaults={"steps": 30, "rel_step_size": 0.25}),
-    "autoattack": AttackSpec(_autoattack, defaults={"norm": "linf", "version": "standard"}, conv_use="eval"),
+    "autoattack": AttackSpec(None, defaults={"norm": "linf", "version": "standard"}, conv_use="eval",
+                             host=_autoattack),
 }
 
 
-def register_attack(name: str, fn: Callable, *, budget: str = "eps", defaults: Mapping | None = None,
-                    conv_use: str = "attack") -> None:
-    """Add an attack for cells (e.g. from a config file); `fn`, `budget` and `conv_use` as in :class:`AttackSpec`."""
-    ATTACKS[name] = AttackSpec(fn, budget, dict(defaults or {}), conv_use)
+def register_attack(name: str, fn: Callable | None, *, budget: str = "eps", defaults: Mapping | None = None,
+                    conv_use: str = "attack", host: Callable | None = None) -> None:
+    """Add an attack for cells (e.g. from a config file); `fn`, `budget`, `conv_use` and `host` as in
+    :class:`AttackSpec`."""
+    ATTACKS[name] = AttackSpec(fn, budget, dict(defaults or {}), conv_use, host)
 
 
 # --------------------------------------------------------------------------------------------------- the grid
@@ -299,7 +343,12 @@ def plan(index: int, cell: Cell, devices: int) -> Plan:
         "jax": jax.__version__,
     }
     if defence is not None:  # only in defended cells: a plain cell keeps the key it always had
+        if spec.host is not None:
+            raise ValueError(f"attack {cell.attack!r} runs on the host and evaluates the network itself; for a "
+                             f"randomised defence use python -m experiments.autoattack --version=rand --defence=...")
         config["defence"] = defence
+    if spec.host is not None:  # host-side stages: another computation than the in-graph one of the same name
+        config["engine"] = "host"
     if conv_impl != UNRECORDED_CONV_IMPL:  # only with other kernels: a custom_vjp cell keeps the key it always had
         config["conv_impl"] = conv_impl
     key = hashlib.sha256(canonical(config).encode()).hexdigest()[:24]
@@ -427,6 +476,7 @@ class Runner:
         self.progress = progress and self.main
         self._log = log
         self.compiled: dict[str, _Compiled] = {}
+        self._builders: dict[str, Callable] = {}
         self._models: OrderedDict[str, tuple] = OrderedDict()
         self._data: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.examples_loaded = 0  # by this process (its rows of each batch; each slice once)
@@ -527,8 +577,20 @@ class Runner:
         self.compiled[ck] = c
         return c, True
 
-    def run_cell(self, p: Plan, bar=None) -> dict:
-        """Evaluate one cell on all processes; returns its record (the cell file's contents)."""
+    def builder(self, p: Plan, attacked) -> Callable:
+        """``variables -> logits_fn`` of the network `attacked` (a Classifier with the cell's attack kernels), one
+        function object per (architecture, kernels): host-side attacks key their compiled stages on it, so every
+        checkpoint of one architecture reuses them."""
+        k = canonical({"architecture": p.config["architecture"], "conv_impl": p.conv_impl})
+        if k not in self._builders:
+            self._builders[k] = autoattack_eval.defence_builder("none", attacked, 1)
+        return self._builders[k]
+
+    def run_cell(self, p: Plan, bar=None, state_dir=None) -> dict:
+        """Evaluate one cell on all processes; returns its record (the cell file's contents). `state_dir`: where an
+        attack that runs on the host (:attr:`AttackSpec.host`) keeps its within-cell state (resumption)."""
+        if ATTACKS[p.cell.attack].host is not None:
+            return self._run_host_cell(p, bar, state_dir)
         t0 = time.perf_counter()
         ok, err, prepared = True, "", None
         try:  # everything that could fail on one process only happens before the first collective call
@@ -556,16 +618,51 @@ class Runner:
         exe.uses += 1
         clean, robust = np.concatenate(clean), np.concatenate(robust, axis=1)
         t2 = time.perf_counter()
+        return self._record(p, clean, robust, {"seconds": round(t2 - t0, 3), "compute_seconds": round(t2 - t1, 3),
+                                               "compile_seconds": round(exe.seconds, 3) if fresh else 0.0,
+                                               "compiled": fresh})
+
+    def _record(self, p: Plan, clean, robust, timing: dict, info: dict | None = None) -> dict:
+        result = {"n": int(clean.size), "clean_correct": int(clean.sum()),
+                  "robust_correct": [int(v) for v in robust.sum(1)], "clean_bits": _bits(clean),
+                  "robust_bits": [_bits(r) for r in robust]}
         return {
-            "format": FORMAT, "key": p.key, "config": p.config,
-            "result": {"n": int(clean.size), "clean_correct": int(clean.sum()),
-                       "robust_correct": [int(v) for v in robust.sum(1)], "clean_bits": _bits(clean),
-                       "robust_bits": [_bits(r) for r in robust]},
-            "timing": {"seconds": round(t2 - t0, 3), "compute_seconds": round(t2 - t1, 3),
-                       "compile_seconds": round(exe.seconds, 3) if fresh else 0.0, "compiled": fresh},
+            "format": FORMAT, "key": p.key, "config": p.config, "result": result | ({"attack": info} if info else {}),
+            "timing": timing,
             "run": {"devices": self.devices, "processes": self.processes, "host": platform.node(),
                     "backend": jax.default_backend(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
         }
+
+    def _run_host_cell(self, p: Plan, bar, state_dir) -> dict:
+        """A cell whose attack runs on the host (:attr:`AttackSpec.host`): every process loads the cell's whole
+        slice (the stages pick their examples by what earlier stages left, not by position), the attack's stages run
+        sharded over the mesh, and the clean and attacked inputs are scored with the evaluation kernels, as in an
+        in-graph cell. ``compiled`` / ``compile_seconds``: the XLA compilations during the cell."""
+        t0 = time.perf_counter()
+        ok, err, prepared = True, "", None
+        try:  # everything that could fail on one process only happens before the first collective call
+            m, variables = self.model(p.cell.checkpoint)
+            x8, y = self._rows(p.dataset, p.base, p.start, p.stop)
+            prepared = (m, variables, data_lib.to_float(x8), np.asarray(y, np.int32))
+        except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+            ok, err = False, _error(e)
+        if not sharding.all_processes(ok):
+            raise CellError(err or "failed on another process")
+        m, variables, x, y = prepared
+        with _CompileCounter() as compiles:
+            x_adv, info = ATTACKS[p.cell.attack].host(self, p, m, x, y, state_dir)
+            pred = jax.jit(lambda v, xb: jnp.argmax(models.logits_of(m.model.apply(v, xb)), -1))
+            correct = lambda xs: sharding.run_sharded(lambda xb: pred(variables, xb), xs, batch_size=p.batch,
+                                                      m=self.mesh) == y
+            clean, robust = correct(x), np.stack([correct(xa) for xa in x_adv])
+        if bar is not None:
+            bar.update(p.n)
+        if self.main and state_dir is not None:
+            for f in Path(state_dir).glob(f".{p.key}.*"):
+                f.unlink(missing_ok=True)
+        return self._record(p, clean, robust, {"seconds": round(time.perf_counter() - t0, 3),
+                                               "compile_seconds": round(compiles.seconds, 3),
+                                               "compiled": compiles.count > 0}, info)
 
 
 class CellError(RuntimeError):
@@ -762,7 +859,7 @@ def run(sweep: Sweep, out_dir, *, runner: Runner | None = None, data_dir=None, p
             inner = tqdm(total=p.n, desc=desc[:60], unit="img", disable=not runner.progress, position=1,
                          leave=False, dynamic_ncols=True)
             try:
-                rec = runner.run_cell(p, inner)
+                rec = runner.run_cell(p, inner, state_dir=out_dir / "cells")
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 failed.append({"cell": p.index, "checkpoint": p.cell.checkpoint, "attack": p.cell.attack,
                                "key": p.key, "error": str(e) if isinstance(e, CellError) else _error(e)})

@@ -4,7 +4,8 @@ Cells 0-1: one PGD-3 cell with two eps values per seed; cells 2-3: the same eps 
 must equal them); cell 4: FGSM on the heteroscedastic checkpoint (another architecture, another executable); cells
 5-6: defended cells (robust_jax.evaluate.Defence): MC-dropout under the adaptive (EOT) protocol, and the
 heteroscedastic head under the one-stochastic-pass protocol (dropout masks and logit noise drawn per example from
-the batch key: they must not depend on the devices either).
+the batch key: they must not depend on the devices either); cell 7: AutoAttack (APGD-CE then APGD-T, 3 steps each)
+at two eps, run on the host in stages (robust_jax.autoattack_eval; every process loads the cell's 32 examples).
 """
 
 from robust_jax.evaluate import PROTOCOLS
@@ -14,6 +15,8 @@ PGD = {"steps": 3, "rel_step_size": 0.25}
 EPS = [0.1, 0.3]
 COMMON = {"n": 32, "batch_size": 16}
 SAMPLES = {"mc_samples": 4, "eot_samples": 2}
+AA = {"version": "custom", "attacks_to_run": ["apgd-ce", "apgd-t"],
+      "options": {"apgd-ce": {"steps": 3}, "apgd-t": {"steps": 3, "n_target_classes": 2}}}
 ONE_PASS, ADAPTIVE = PROTOCOLS  # the original study's protocol and EOT (names from the library: never spelled here)
 
 SWEEP = Sweep("tiny", [
@@ -26,4 +29,5 @@ SWEEP = Sweep("tiny", [
          protocol=ADAPTIVE, **SAMPLES, **COMMON),
     Cell("mnist_basic_cnn_hetero", "fgsm", EPS, seed=0, group="defended", defence="aleatoric", protocol=ONE_PASS,
          **SAMPLES, **COMMON),
+    Cell("mnist_basic_cnn", "autoattack", EPS, params=AA, seed=0, group="autoattack", **COMMON),
 ])

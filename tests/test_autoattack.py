@@ -433,8 +433,7 @@ def test_cli_rejects_bad_flags_before_loading_anything():
 
 
 def test_runner_drops_fooled_points_and_resumes_after_a_kill(tmp_path, monkeypatch):
-    cli = _runner()
-    from robust_jax import runner
+    from robust_jax import autoattack_eval, runner
 
     f, w, b, x, y = _toy(n=40, shape=(8, 8, 3), seed=2)
     builder = lambda v: linear(v[0], v[1])
@@ -442,7 +441,7 @@ def test_runner_drops_fooled_points_and_resumes_after_a_kill(tmp_path, monkeypat
     opts = {a: QUICK[a] for a in names}
     kw = dict(key=KEY, norm="linf", eps=0.02, version="custom", attacks_to_run=names, options=opts, batch_size=8,
               progress=False)
-    full = cli.evaluate(builder, (w, b), x, y, **kw)
+    full = autoattack_eval.evaluate(builder, (w, b), x, y, **kw)
     # the host runner agrees with the jitted protocol point by point
     _, masks = jax.jit(lambda x, y: attacks.autoattack(f, x, y, key=KEY, eps=0.02, version="custom",
                                                        attacks_to_run=names, options=opts, return_robust=True))(x, y)
@@ -461,15 +460,15 @@ def test_runner_drops_fooled_points_and_resumes_after_a_kill(tmp_path, monkeypat
 
     monkeypatch.setattr(runner, "run_attack", dying)
     with pytest.raises(KeyboardInterrupt):
-        cli.evaluate(builder, (w, b), x, y, out_dir=tmp_path, config={"k": 1}, **kw)
+        autoattack_eval.evaluate(builder, (w, b), x, y, state=tmp_path / "state.npz", config={"k": 1}, **kw)
     monkeypatch.setattr(runner, "run_attack", real)
     state = json.loads(str(np.load(tmp_path / "state.npz")["meta"]))
     assert state["attacks"]["apgd-ce"]["done"] and state["attacks"]["apgd-t"]["position"] == 8
-    resumed = cli.evaluate(builder, (w, b), x, y, out_dir=tmp_path, config={"k": 1}, **kw)
+    resumed = autoattack_eval.evaluate(builder, (w, b), x, y, state=tmp_path / "state.npz", config={"k": 1}, **kw)
     np.testing.assert_array_equal(resumed["x_adv"], full["x_adv"])
     assert resumed["robust_accuracy"] == full["robust_accuracy"]
     with pytest.raises(ValueError, match="different configuration"):
-        cli.evaluate(builder, (w, b), x, y, out_dir=tmp_path, config={"k": 2}, **kw)
+        autoattack_eval.evaluate(builder, (w, b), x, y, state=tmp_path / "state.npz", config={"k": 2}, **kw)
 
 
 # ------------------------------------------------------------------------------------- trained models (slow)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from robust_jax import attacks, data, uncertainty
+from robust_jax import attacks, autoattack_eval, data, uncertainty
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"apgd-ce": {"steps": 3, "loop": "fori"}, "apgd-dlr": {"steps": 3, "loop": "fori"}}
@@ -51,7 +51,7 @@ def test_defence_flags_are_checked_before_loading(need_checkpoint):
 
 def test_epistemic_builder_is_the_mc_dropout_eot(need_checkpoint, real_data):
     m, x, _ = _mnist(need_checkpoint, real_data, "mnist_basic_cnn", 4)
-    f = _cli().defence_builder("epistemic", m, 5)(m.variables)
+    f = autoattack_eval.defence_builder("epistemic", m, 5)(m.variables)
     old = attacks.eot(uncertainty.mc_dropout_logits_fn(m.apply, m.variables), 5)
     assert isinstance(f, attacks.EOT) and f.num_samples == 5
     np.testing.assert_allclose(f(x), old(x), atol=1e-6)
@@ -62,10 +62,9 @@ def test_epistemic_builder_is_the_mc_dropout_eot(need_checkpoint, real_data):
 @pytest.mark.slow
 def test_rand_against_mc_dropout_records_defence_and_eot(need_checkpoint, real_data):
     m, x, y = _mnist(need_checkpoint, real_data, "mnist_basic_cnn", 8)
-    cli = _cli()
-    res = cli.evaluate(cli.defence_builder("epistemic", m, 2), m.variables, x, y, key=jax.random.PRNGKey(0),
-                       norm="linf", eps=0.3, version="rand", options=QUICK, batch_size=8, progress=False,
-                       config={"defence": "epistemic"})
+    res = autoattack_eval.evaluate(autoattack_eval.defence_builder("epistemic", m, 2), m.variables, x, y,
+                                   key=jax.random.PRNGKey(0), norm="linf", eps=0.3, version="rand", options=QUICK,
+                                   batch_size=8, progress=False, config={"defence": "epistemic"})
     assert res["defence"] == "epistemic" and res["eot_samples"] == 2
     assert res["passes"]["apgd-ce"]["per_image"] == {"forward": 3 * 2 + 1, "backward": 3 * 2}
     acc = res["robust_accuracy"]
@@ -74,9 +73,9 @@ def test_rand_against_mc_dropout_records_defence_and_eot(need_checkpoint, real_d
     assert res["max_perturbation"] <= 0.3 + 1e-6
     assert not any("do not differ" in f for f in res["flags"])
     # the network without dropout samples is flagged: EOT would average identical passes
-    det = cli.evaluate(lambda v: attacks.eot(lambda k, z: m.apply(v, z), 2), m.variables, x, y,
-                       key=jax.random.PRNGKey(0), norm="linf", eps=0.3, version="rand", options=QUICK,
-                       batch_size=8, progress=False)
+    det = autoattack_eval.evaluate(lambda v: attacks.eot(lambda k, z: m.apply(v, z), 2), m.variables, x, y,
+                                   key=jax.random.PRNGKey(0), norm="linf", eps=0.3, version="rand", options=QUICK,
+                                   batch_size=8, progress=False)
     assert any("do not differ" in f for f in det["flags"])
 
 

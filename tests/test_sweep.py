@@ -27,7 +27,7 @@ from robust_jax import evaluate, sharding, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("sweep_tiny.py")
-TINY_CELLS = 7
+TINY_CELLS = 8
 ONE_PASS, ADAPTIVE = evaluate.PROTOCOLS  # the original study's protocol and EOT (never spelled here: names may change)
 
 
@@ -364,23 +364,25 @@ def test_reference_run_outputs(reference):
     out, summary = reference
     assert sorted(summary["ran"]) == list(range(TINY_CELLS)) and not summary["failed"] and not summary["reused"]
     # one executable per (architecture, attack, number of eps values, defence): PGD x2 eps (cells 0, 1), PGD x1
-    # (2, 3), FGSM, and one per defended cell
-    assert summary["compiles"]["executables_compiled_this_run"] == 5
+    # (2, 3), FGSM, and one per defended cell; and the AutoAttack cell's stages (compiled on the host)
+    assert summary["compiles"]["executables_compiled_this_run"] == 6
     assert summary["devices"] == 1 and summary["processes"] == 1
-    assert summary["examples_loaded_per_process"] == [32]
+    assert summary["examples_loaded_per_process"] == [32 + 32]  # the AutoAttack cell loads its slice whole
     rows = _table(out)
-    assert len(rows) == 12 and all(r["n"] == 32 for r in rows)
+    assert len(rows) == 14 and all(r["n"] == 32 for r in rows)
     with open(out / "table.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 12
-    assert [(r["defence"], r["protocol"]) for r in csv_rows[-4:]] == [("epistemic", ADAPTIVE)] * 2 + [
+    assert len(csv_rows) == 14
+    assert [(r["defence"], r["protocol"]) for r in csv_rows[-6:-2]] == [("epistemic", ADAPTIVE)] * 2 + [
         ("aleatoric", ONE_PASS)] * 2
+    aa = [r for r in rows if r["attack"] == "autoattack"]
+    assert [r["value"] for r in aa] == [0.1, 0.3] and aa[1]["robust_correct"] <= aa[0]["robust_correct"]
     assert {(r["defence"], r["protocol"], r["mc_samples"]) for r in csv_rows[:8]} == {("", "", "")}
     for r in rows:
         assert 0 <= r["ci_low"] <= r["robust_accuracy"] <= r["ci_high"] <= 1
         if not r["defence"]:  # a deterministic prediction; a stochastic one may be right after an attack only
             assert r["robust_accuracy"] <= r["clean_accuracy"] + 1e-12
-    for group in ("pgd", "pgd_single", "fgsm", "defended"):
+    for group in ("pgd", "pgd_single", "fgsm", "defended", "autoattack"):
         png = out / f"{group}.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -430,7 +432,8 @@ def test_two_processes_give_the_same_table(reference, tmp_path):
         assert p.returncode == 0, err[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 4
-    assert summary["examples_loaded_per_process"] == [16, 16]  # each process loads only its rows
+    # each process loads only its rows of the in-graph cells' batches, and the AutoAttack cell's 32 examples whole
+    assert summary["examples_loaded_per_process"] == [16 + 32, 16 + 32]
     assert sweep.comparable(_table(tmp_path)) == sweep.comparable(_table(out))
     assert {(r["devices"], r["processes"]) for r in _table(tmp_path)} == {(4, 2)}
 
@@ -484,22 +487,82 @@ def test_failing_cells_are_recorded_and_the_sweep_goes_on(tmp_path, needs_tiny):
 
 
 @pytest.mark.slow
-def test_autoattack_hook(tmp_path, needs_tiny):
-    """attacks.autoattack through the sweep (reduced budgets): eps array = single eps; per-example keys make the
-    result independent of the batch size."""
+def test_autoattack_cells_are_the_staged_host_runner(tmp_path, needs_tiny):
+    """Sweep cells of attack "autoattack" (reduced budgets) are robust_jax.autoattack_eval.evaluate on the cell's
+    images with PRNGKey(seed) and the dataset positions as keys, per example, at each eps (the computation of
+    experiments.autoattack); per-example keys make them independent of the batch size; a slice that does not start
+    at 0 keys its examples by their dataset positions; a defence is refused."""
+    import jax
+
+    from robust_jax import autoattack_eval, checkpoints, data
+
     params = {"version": "custom", "attacks_to_run": ["apgd-ce", "apgd-t"],
               "options": {"apgd-ce": {"steps": 3}, "apgd-t": {"steps": 3, "n_target_classes": 2}}}
     grid = sweep.Sweep("aa", [
         sweep.Cell("mnist_basic_cnn", "autoattack", [0.1, 0.3], params=params, n=16, batch_size=16),
         sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], params=params, n=16, batch_size=8),
+        sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], params=params, n=8, split="test[8:]", batch_size=8),
     ])
     summary = sweep.run(grid, tmp_path, progress=False, log=lambda m: None)
-    assert summary["ran"] == [0, 1]
+    assert summary["ran"] == [0, 1, 2] and not summary["failed"]
     rows = _table(tmp_path)
     by = {(r["cell"], r["value"]): r["robust_correct"] for r in rows}
     assert by[(0, 0.1)] == by[(1, 0.1)]
     assert by[(0, 0.3)] <= by[(0, 0.1)]
     assert np.all([r["robust_correct"] <= r["clean_correct"] for r in rows])
+    recs = {r["cell"]: json.loads((tmp_path / "cells" / f"{r['key']}.json").read_text()) for r in rows}
+    assert not list((tmp_path / "cells").glob(".*"))  # the within-cell states are removed when a cell finishes
+
+    m = checkpoints.load("mnist_basic_cnn")
+    x, y = data.load("mnist", "test[0:16]")
+    direct = autoattack_eval.evaluate(autoattack_eval.defence_builder("none", m, 1), m.variables, data.to_float(x), y,
+                                      key=jax.random.PRNGKey(0), norm="linf", eps=0.1, batch_size=16,
+                                      progress=False, **{k: params[k] for k in ("version", "attacks_to_run",
+                                                                                 "options")})
+    robust = direct["robust"]["apgd-t"]
+    assert 0 < robust.sum() < direct["robust"]["clean"].sum()  # the check can fail: some points fall, some hold
+    np.testing.assert_array_equal(sweep.unbits(recs[0]["result"]["robust_bits"][0], 16), robust)
+    np.testing.assert_array_equal(sweep.unbits(recs[0]["result"]["clean_bits"], 16), direct["robust"]["clean"])
+    np.testing.assert_array_equal(sweep.unbits(recs[2]["result"]["robust_bits"][0], 8), robust[8:])
+    stages = recs[0]["result"]["attack"]["stages"]
+    assert [s["eps"] for s in stages] == [0.1, 0.3]
+    assert stages[0]["robust_accuracy"]["apgd-t"] == pytest.approx(robust.mean())
+    with pytest.raises(ValueError, match="experiments.autoattack"):
+        sweep.plan(0, dataclasses.replace(grid.cells[0], defence="epistemic", protocol=ADAPTIVE), 1)
+
+
+@pytest.mark.slow
+def test_autoattack_cell_resumes_inside(tmp_path, monkeypatch, needs_tiny):
+    """A sweep killed in the middle of an AutoAttack cell (second chunk of APGD-CE) continues from the cell's state
+    file and gives the uninterrupted cell's result, per example."""
+    from robust_jax import runner
+
+    params = {"version": "custom", "attacks_to_run": ["apgd-ce", "apgd-t"],
+              "options": {"apgd-ce": {"steps": 2}, "apgd-t": {"steps": 2, "n_target_classes": 2}}}
+    grid = sweep.Sweep("aa", [sweep.Cell("mnist_basic_cnn", "autoattack", [0.1], params=params, n=16, batch_size=8)])
+    whole = sweep.run(grid, tmp_path / "whole", progress=False, log=lambda m: None)
+    assert whole["ran"] == [0]
+    real, calls = runner.run_attack, []
+
+    def dying(*a, **k):
+        calls.append(k["desc"])
+        if calls.count("apgd-ce") == 2:
+            raise KeyboardInterrupt  # not an Exception: the sweep does not record it as a failed cell
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "run_attack", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(grid, tmp_path / "killed", progress=False, log=lambda m: None)
+    (state,) = (tmp_path / "killed" / "cells").glob(".*.state.npz")
+    assert json.loads(str(np.load(state)["meta"]))["attacks"]["apgd-ce"]["position"] == 8
+    again = []
+    monkeypatch.setattr(runner, "run_attack", lambda *a, **k: again.append(k["desc"]) or real(*a, **k))
+    resumed = sweep.run(grid, tmp_path / "killed", progress=False, log=lambda m: None)
+    assert resumed["ran"] == [0] and not list((tmp_path / "killed" / "cells").glob(".*"))
+    assert again.count("apgd-ce") == 1  # only the chunk that was not finished
+    a, b = (json.loads(next((d / "cells").glob("*.json")).read_text())["result"] for d in
+            (tmp_path / "whole", tmp_path / "killed"))
+    assert a["clean_bits"] == b["clean_bits"] and a["robust_bits"] == b["robust_bits"]
 
 
 @pytest.mark.slow
